@@ -1,0 +1,1481 @@
+"""OpenAI-compatible chat server for Qwen/Qwen3-VL-2B-Thinking on Hugging Face Transformers.
+
+What it promises
+- `POST /v1/chat/completions` takes OpenAI chat messages with text, images and videos and
+  answers with a `chat.completion` or, with `stream: true`, SSE `chat.completion.chunk`
+  events ending in `data: [DONE]`. The model's reasoning (everything before `</think>`)
+  is `reasoning_content`; the answer after it is `content`.
+- Generation never depends on a client being connected. Each request becomes a
+  *session*: the generation worker writes events to the session's log, HTTP responses
+  only read it. A client that drops reconnects with `Last-Event-ID` and misses nothing.
+
+Invariants of a session log (tested)
+- Event indexes start at 0 and increase by exactly 1; every SSE event carries
+  `id: <session_id>:<index>`, `[DONE]` included, and `[DONE]` is the last event.
+- A reader that resumes after index k gets exactly the events with index > k, in order,
+  with no gap and no duplicate, also at the seam between replay and live events.
+- With `PERSIST_SESSIONS=1` readers only see events already committed to SQLite, so a
+  crash can never take back an event a client has seen; sessions that were generating
+  when the process died are closed on restart as `interrupted`.
+- An index older than anything still kept is refused (410), never skipped silently.
+
+Limits: one generation runs at a time (two at once measured 2.7x slower on 2 cores); the
+rest wait in a queue. Cancel stops a generation within one decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextvars
+import io
+import json
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("qwen3vl_server")
+
+
+# ----------------------------------------------------------------------------- settings
+
+class Settings(BaseSettings):
+    """Every knob of the server; read once from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(3000, description="Port to listen on.")
+    log_level: str = Field("info", description="Python log level.")
+    model_repo_id: str = Field("Qwen/Qwen3-VL-2B-Thinking", description="Hub model id or a local directory.")
+    served_model_name: str = Field("", description="Model name reported by the API; empty means MODEL_REPO_ID.")
+    hf_token: str = Field("", description="Hugging Face token for gated or private repos.")
+    device_map: str = Field("auto", description="Transformers device_map; 'auto' uses the GPU when there is one.")
+    torch_dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
+    preload_model: bool = Field(False, description="Load the model at startup instead of on the first request.")
+    model_load_wait_seconds: float = Field(120.0, description="How long a request waits for a loading model before 503.")
+    max_tokens: int = Field(8192, description="Default and upper bound of max_tokens per request.")
+    temperature: float = Field(0.6, description="Default sampling temperature (Qwen's advice for Thinking models).")
+    top_p: float = Field(0.95, description="Default nucleus sampling threshold.")
+    top_k: int = Field(20, description="Default top-k; 0 disables it.")
+    max_video_frames: int = Field(16, description="Frames sampled uniformly from each video, at most.")
+    max_media_bytes: int = Field(20_000_000, description="Largest image or video a URL may deliver.")
+    media_fetch_timeout_seconds: float = Field(10.0, description="Connect/read timeout when fetching media URLs.")
+    max_queue: int = Field(64, description="Generations that may wait behind the running one; more get 429.")
+    session_buffer_events: int = Field(0, description="Events kept in memory per session; 0 means MAX_TOKENS + 16.")
+    max_sessions: int = Field(256, description="Sessions kept in memory; the oldest finished ones are dropped first.")
+    sessions_ttl_seconds: float = Field(3600.0, description="Finished sessions are deleted this long after they end.")
+    persist_sessions: bool = Field(False, description="Write sessions to SQLite so streams replay after a restart.")
+    sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when PERSIST_SESSIONS=1.")
+    cancel_after_disconnect_seconds: float = Field(
+        3600.0, description="Cancel a generation nobody has listened to for this long; 0 disables.")
+    sse_ping_seconds: float = Field(15.0, description="Interval of SSE keep-alive comments.")
+    sse_send_timeout_seconds: float = Field(30.0, description="A client that accepts no bytes this long is dropped.")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_repo_id
+
+    @property
+    def buffer_events(self) -> int:
+        return self.session_buffer_events or self.max_tokens + 16
+
+
+# ----------------------------------------------------------------------------- errors
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class APIError(Exception):
+    """An error the client should see, in OpenAI's shape, with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(message: str) -> APIError:
+    return APIError(404, message, code="not_found")
+
+
+# ----------------------------------------------------------------------------- schemas
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class MediaURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _accept_bare_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _accept_bare_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+ContentPart = TextPart | ImagePart | VideoPart
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    # Known OpenAI fields this server cannot honour yet: refused, never ignored.
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value and any(not -100 <= b <= 100 or t < 0 for t, b in value.items()):
+            raise ValueError("logit_bias maps token ids to values between -100 and 100")
+        return value
+
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """A known field we cannot honour is a 400 naming it, never silently ignored."""
+    if req.n != 1:
+        raise invalid("Only n=1 is supported.", "n", "unsupported_parameter")
+    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+        if getattr(req, name):
+            raise invalid(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
+    if req.tool_choice not in (None, "none"):
+        raise invalid("'tool_choice' is not supported by this server.", "tool_choice", "unsupported_parameter")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise invalid("Only response_format type 'text' is supported.", "response_format", "unsupported_parameter")
+    for i, message in enumerate(req.messages):
+        if message.role == "user" and not message.content:
+            raise invalid("User messages need content.", f"messages.{i}.content")
+
+
+# ----------------------------------------------------------------------------- media loading
+
+ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
+                      re.DOTALL)
+
+
+async def fetch_media(url: str, settings: Settings, param: str) -> bytes:
+    """Bytes behind a data URI or an http(s) URL; anything else is refused."""
+    if url.startswith("data:"):
+        return decode_data_uri(url, param)
+    if not url.startswith(("http://", "https://")):
+        raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
+    timeout = httpx.Timeout(settings.media_fetch_timeout_seconds)
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=3) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise invalid(f"Fetching media failed with HTTP {response.status_code}.", param, "media_fetch_failed")
+                return await read_capped(response, settings.max_media_bytes, param)
+    except httpx.HTTPError as exc:
+        raise invalid(f"Fetching media failed: {type(exc).__name__}.", param, "media_fetch_failed") from None
+
+
+async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Media is larger than {limit} bytes.", param=param, code="media_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_data_uri(url: str, param: str) -> bytes:
+    match = DATA_URI.match(url)
+    if not match or not match["b64"]:
+        raise invalid("Data URIs must be base64 encoded: data:<mime>;base64,<data>.", param, "invalid_data_uri")
+    try:
+        return base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("The data URI holds invalid base64.", param, "invalid_data_uri") from None
+
+
+def decode_image(data: bytes, param: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ALLOWED_IMAGE_FORMATS:
+            raise invalid(f"Image format {image.format} is not supported.", param, "invalid_image")
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, "invalid_image") from None
+
+
+def decode_video(data: bytes, max_frames: int, param: str):
+    """Uniformly sample at most max_frames RGB frames with PyAV; returns (frames, metadata)."""
+    import av
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 24)
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+        wanted = np.unique(np.linspace(0, max(total - 1, 0), min(max_frames, max(total, 1))).round().astype(int))
+        frames, indices = read_frames(data, set(wanted.tolist()))
+    except (av.FFmpegError, IndexError, ValueError, OSError) as exc:
+        raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
+    if not frames:
+        raise invalid("The video holds no decodable frames.", param, "invalid_video")
+    if len(frames) == 1:  # the vision tower groups frames in pairs
+        frames, indices = frames * 2, indices * 2
+    height, width = frames[0].shape[:2]
+    meta = VideoMetadata(total_num_frames=total, fps=fps, width=width, height=height, duration=total / fps,
+                         video_backend="pyav", frames_indices=np.array(indices))
+    return np.stack(frames), meta
+
+
+def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
+    import av
+
+    frames, indices, last = [], [], max(wanted)
+    with av.open(io.BytesIO(data)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+                indices.append(i)
+            if i >= last:
+                break
+    return frames, indices
+
+
+async def load_media(req: ChatCompletionRequest, settings: Settings) -> tuple[list[dict], list, list, list]:
+    """Template-ready messages (media replaced by placeholders) plus decoded images and videos."""
+    messages, images, videos, metas = [], [], [], []
+    for i, message in enumerate(req.messages):
+        role = "system" if message.role == "developer" else message.role
+        if not isinstance(message.content, list):
+            messages.append({"role": role, "content": message.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(message.content):
+            param = f"messages.{i}.content.{j}"
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                data = await fetch_media(part.image_url.url, settings, param)
+                images.append(await asyncio.to_thread(decode_image, data, param))
+                parts.append({"type": "image"})
+            else:
+                data = await fetch_media(part.video_url.url, settings, param)
+                frames, meta = await asyncio.to_thread(decode_video, data, settings.max_video_frames, param)
+                videos.append(frames)
+                metas.append(meta)
+                parts.append({"type": "video"})
+        messages.append({"role": role, "content": parts})
+    return messages, images, videos, metas
+
+
+# ----------------------------------------------------------------------------- model
+
+class ModelManager:
+    """Lazily loaded model + processor, loaded once, off the event loop, behind a lock."""
+
+    RETRY_AFTER_FAILURE_SECONDS = 30
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state: Literal["unloaded", "loading", "ready", "error"] = "unloaded"
+        self.error = ""
+        self.model = self.processor = None
+        self.streamer_class = self.flag_stop = self.penalties = None
+        self.load_seconds = 0.0
+        self._lock = threading.Lock()
+        self._task: asyncio.Future | None = None
+        self._failed_at = 0.0
+
+    async def ensure_loaded(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "error" and time.monotonic() - self._failed_at < self.RETRY_AFTER_FAILURE_SECONDS:
+            raise self._unavailable()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(asyncio.to_thread(self.load))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.settings.model_load_wait_seconds)
+        except TimeoutError:
+            pass
+        if self.state != "ready":
+            raise self._unavailable()
+
+    def _unavailable(self) -> APIError:
+        if self.state == "error":
+            return APIError(503, f"The model failed to load: {self.error}", "server_error", code="model_load_failed",
+                            headers={"Retry-After": str(self.RETRY_AFTER_FAILURE_SECONDS)})
+        return APIError(503, "The model is loading; retry shortly.", "server_error", code="model_loading",
+                        headers={"Retry-After": "5"})
+
+    def load(self) -> None:
+        with self._lock:
+            if self.state == "ready":
+                return
+            self.state, started = "loading", time.monotonic()
+            logger.info("model load start: %s", self.settings.model_repo_id)
+            try:
+                self.processor, self.model = self._from_pretrained()
+                self.streamer_class = build_streamer_class()
+                self.flag_stop, self.penalties = build_generation_hooks()
+            except Exception as exc:  # any loader failure is reported through /health and 503s
+                self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
+                logger.error("model load failed: %s", self.error)
+                return
+            self.load_seconds = time.monotonic() - started
+            self.state = "ready"
+            logger.info("model ready in %.2f s (device=%s dtype=%s)", self.load_seconds,
+                        self.model.device, self.model.dtype)
+
+    def _from_pretrained(self):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        s = self.settings
+        cuda = torch.cuda.is_available()
+        dtype = (torch.bfloat16 if cuda else torch.float32) if s.torch_dtype == "auto" else getattr(torch, s.torch_dtype)
+        device_map = s.device_map if (cuda or s.device_map != "auto") else None
+        token = s.hf_token or None
+        processor = AutoProcessor.from_pretrained(s.model_repo_id, token=token)
+        model = AutoModelForImageTextToText.from_pretrained(
+            s.model_repo_id, dtype=dtype, device_map=device_map, token=token)
+        return processor, model.eval()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+
+# ----------------------------------------------------------------------------- text pipeline
+
+class StopMatcher:
+    """Cuts the output before the first stop string, holding back text that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buffer = self.held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return buffer[:min(hits)]
+        keep = max((partial_suffix(buffer, s) for s in self.stops), default=0)
+        self.held = buffer[len(buffer) - keep:]
+        return buffer[:len(buffer) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReasoningSplitter:
+    """Routes text before `</think>` to reasoning_content and after it to content.
+
+    The Thinking template opens `<think>` in the prompt, so the output only closes it;
+    a template that opens nothing gets plain content unless the output starts a block.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, reasoning: bool):
+        self.reasoning, self.held, self.closed, self.content_seen = reasoning, "", False, False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        buffer, out, self.held = self.held + text, [], ""
+        while buffer:
+            tag = self._tag()
+            i = buffer.find(tag) if tag else -1
+            if i >= 0:
+                self._emit(out, buffer[:i])
+                buffer, self.reasoning = buffer[i + len(tag):], tag == self.OPEN
+                self.closed = self.closed or tag == self.CLOSE
+                continue
+            keep = partial_suffix(buffer, tag) if tag else 0
+            self._emit(out, buffer[:len(buffer) - keep])
+            self.held, buffer = buffer[len(buffer) - keep:], ""
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(out, self.held)
+        self.held = ""
+        return out
+
+    def _tag(self) -> str | None:
+        if self.reasoning:
+            return self.CLOSE
+        return None if self.closed or self.content_seen else self.OPEN
+
+    def _emit(self, out: list, text: str) -> None:
+        if not text:
+            return
+        kind = "reasoning_content" if self.reasoning else "content"
+        self.content_seen = self.content_seen or (kind == "content" and bool(text.strip()))
+        out.append((kind, text))
+
+
+class TextPipeline:
+    """Decoded text in, (field, text) deltas out: stop strings first, then the reasoning split."""
+
+    def __init__(self, stops: list[str], reasoning: bool):
+        self.stop, self.split = StopMatcher(stops), ReasoningSplitter(reasoning)
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        return self.split.feed(self.stop.feed(text))
+
+    def flush(self) -> list[tuple[str, str]]:
+        tail = [] if self.stop.stopped else self.split.feed(self.stop.flush())
+        return tail + self.split.flush()
+
+
+# ----------------------------------------------------------------------------- sessions
+
+class GoneError(Exception):
+    """The asked-for events are no longer kept."""
+
+
+@dataclass
+class Event:
+    index: int
+    data: str
+
+
+@dataclass
+class Outcome:
+    status: str = "in_progress"  # in_progress, completed, cancelled, failed, interrupted
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class SessionLog:
+    """A session's append-only event log, kept in a memory ring buffer.
+
+    The interface generation and SSE code use: append, read(after), follow(after),
+    finish, request_cancel / cancel_requested. Appends and reads happen on the event
+    loop; the cancel flag is a threading.Event the decode loop polls.
+    """
+
+    def __init__(self, session_id: str, capacity: int, next_index: int = 0, outcome: Outcome | None = None):
+        self.session_id = session_id
+        self.events: deque[Event] = deque(maxlen=capacity)
+        self.next_index = next_index
+        self.visible = next_index - 1
+        self.outcome = outcome or Outcome()
+        self.cancel_flag = threading.Event()
+        self._changed = asyncio.Event()
+
+    def append(self, data: str) -> int:
+        event = Event(self.next_index, data)
+        self.events.append(event)
+        self.next_index += 1
+        self._store(event)
+        return event.index
+
+    def _store(self, event: Event) -> None:
+        self.publish(event.index)
+
+    def publish(self, index: int) -> None:
+        """Make events up to index visible to readers and wake them."""
+        self.visible = max(self.visible, index)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def finish(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+    @property
+    def closed(self) -> bool:
+        """True once [DONE] has been appended."""
+        return bool(self.events) and self.events[-1].data == "[DONE]" or self._closed_without_buffer()
+
+    def _closed_without_buffer(self) -> bool:
+        return False
+
+    @property
+    def drained(self) -> bool:
+        """True once [DONE] is visible to readers."""
+        return self.closed and self.visible == self.next_index - 1
+
+    def request_cancel(self) -> None:
+        self.cancel_flag.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_flag.is_set()
+
+    @property
+    def oldest_kept(self) -> int:
+        """The oldest index a reader can still get."""
+        return self.events[0].index if self.events else self.next_index
+
+    async def read(self, after: int) -> list[Event]:
+        """Visible events with index > after; GoneError if some of them are no longer kept."""
+        first = self.events[0].index if self.events else self.next_index
+        if after + 1 < first:
+            return await self._read_older(after, first) + self._buffered(first - 1)
+        return self._buffered(after)
+
+    def _buffered(self, after: int) -> list[Event]:
+        if not self.events:
+            return []
+        start = max(after + 1 - self.events[0].index, 0)
+        return [e for e in list(self.events)[start:] if e.index <= self.visible]
+
+    async def _read_older(self, after: int, first: int) -> list[Event]:
+        raise GoneError(f"events after {after} are no longer kept (oldest kept: {first})")
+
+    async def follow(self, after: int) -> AsyncIterator[Event]:
+        """Replay events after `after`, then follow live ones until [DONE]."""
+        while True:
+            changed = self._changed
+            for event in await self.read(after):
+                yield event
+                after = event.index
+            if self.drained and after >= self.next_index - 1:
+                return
+            await changed.wait()
+
+
+class SQLiteWriter:
+    """One thread that owns the write connection and commits in batches (group commit).
+
+    Whatever queued up while the previous commit ran goes into the next transaction, so
+    commits happen as often as the disk allows under load and at once when idle. After
+    each commit it tells the logs which of their events are durable.
+    """
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS sessions (
+        id TEXT PRIMARY KEY, created REAL, finished REAL, status TEXT, finish_reason TEXT,
+        prompt_tokens INTEGER, completion_tokens INTEGER);
+    CREATE TABLE IF NOT EXISTS events (
+        session_id TEXT, idx INTEGER, data TEXT, PRIMARY KEY (session_id, idx)) WITHOUT ROWID;
+    """
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop):
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.loop = path, loop
+        self.ops: queue.Queue = queue.Queue()
+        self.read_lock = threading.Lock()
+        self.reader = self._connect()
+        self.reader.executescript(self.SCHEMA)
+        self.thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self.thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def submit(self, sql: str, args: tuple, log: SessionLog | None = None, index: int = -1) -> None:
+        self.ops.put((sql, args, log, index))
+
+    def close(self) -> None:
+        self.ops.put(None)
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn = self._connect()
+        while True:
+            batch = [self.ops.get()]
+            while not self.ops.empty():
+                batch.append(self.ops.get_nowait())
+            done = batch[-1] is None
+            self._commit(conn, [op for op in batch if op is not None])
+            if done:
+                conn.close()
+                return
+
+    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
+        durable: dict[SessionLog, int] = {}
+        try:
+            conn.execute("BEGIN")
+            for sql, args, log, index in batch:
+                conn.execute(sql, args)
+                if log is not None and index >= 0:
+                    durable[log] = max(durable.get(log, -1), index)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            logger.exception("sqlite batch of %d writes failed", len(batch))
+            conn.execute("ROLLBACK") if conn.in_transaction else None
+            return
+        for log, index in durable.items():
+            self.loop.call_soon_threadsafe(log.publish, index)
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self.read_lock:
+            return self.reader.execute(sql, args).fetchall()
+
+
+class SQLiteSessionLog(SessionLog):
+    """The same log, written through to SQLite; readers see committed events only."""
+
+    def __init__(self, session_id: str, capacity: int, writer: SQLiteWriter, next_index: int = 0,
+                 outcome: Outcome | None = None, created: float | None = None):
+        super().__init__(session_id, capacity, next_index, outcome)
+        self.writer = writer
+        if created is not None:
+            writer.submit("INSERT INTO sessions (id, created, status) VALUES (?, ?, 'in_progress')",
+                          (session_id, created))
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def _store(self, event: Event) -> None:
+        self.writer.submit("INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)",
+                           (self.session_id, event.index, event.data), self, event.index)
+
+    def finish(self, outcome: Outcome) -> None:
+        super().finish(outcome)
+        self.writer.submit(
+            "UPDATE sessions SET finished=?, status=?, finish_reason=?, prompt_tokens=?, completion_tokens=? "
+            "WHERE id=?", (time.time(), outcome.status, outcome.finish_reason, outcome.prompt_tokens,
+                           outcome.completion_tokens, self.session_id))
+
+    def _closed_without_buffer(self) -> bool:
+        return not self.events and self.outcome.status != "in_progress"
+
+    @property
+    def oldest_kept(self) -> int:
+        return 0
+
+    async def _read_older(self, after: int, first: int) -> list[Event]:
+        rows = await asyncio.to_thread(
+            self.writer.query, "SELECT idx, data FROM events WHERE session_id=? AND idx>? AND idx<? ORDER BY idx",
+            (self.session_id, after, first))
+        return [Event(i, d) for i, d in rows]
+
+
+def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> SQLiteSessionLog | None:
+    """A finished session read back from SQLite (its events stay on disk until read)."""
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, finished FROM sessions "
+                        "WHERE id=?", (session_id,))
+    if not rows:
+        return None
+    status, reason, prompt, completion, _ = rows[0]
+    last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
+    log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
+                           outcome=Outcome(status, reason, prompt or 0, completion or 0))
+    log.visible = log.next_index - 1
+    return log
+
+
+def close_interrupted(writer: SQLiteWriter) -> int:
+    """Sessions still generating when the last process died end as interrupted."""
+    rows = writer.query("SELECT s.id, (SELECT MAX(idx) FROM events e WHERE e.session_id = s.id) "
+                        "FROM sessions s WHERE s.status='in_progress'")
+    error = json.dumps(error_body("Generation was interrupted by a server restart.", "server_error",
+                                  code="interrupted"))
+    for session_id, last in rows:
+        nxt = (last if last is not None else -1) + 1
+        for offset, data in enumerate((error, "[DONE]")):
+            writer.submit("INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)",
+                          (session_id, nxt + offset, data))
+        writer.submit("UPDATE sessions SET status='interrupted', finished=? WHERE id=?", (time.time(), session_id))
+    return len(rows)
+
+
+@dataclass(eq=False)
+class Session:
+    """A log plus who is listening to it; the auto-cancel timer runs while nobody is."""
+
+    id: str
+    log: SessionLog
+    created: int = field(default_factory=lambda: int(time.time()))
+    listeners: int = 0
+    finished_at: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    job: "Job | None" = None
+    _timer: asyncio.TimerHandle | None = None
+
+    def attach(self) -> None:
+        self.listeners += 1
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+
+    def detach(self, cancel_after: float) -> None:
+        self.listeners -= 1
+        if self.listeners == 0:
+            self.arm_auto_cancel(cancel_after)
+
+    def arm_auto_cancel(self, cancel_after: float) -> None:
+        if cancel_after > 0 and not self.done.is_set() and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(cancel_after, self._auto_cancel)
+
+    def _auto_cancel(self) -> None:
+        self._timer = None
+        if self.listeners == 0 and not self.done.is_set():
+            logger.info("session %s auto-cancelled: no listener", self.id)
+            self.log.request_cancel()
+
+
+class SessionRegistry:
+    """Sessions by id: reservation, lookup (memory, then SQLite), expiry."""
+
+    def __init__(self, settings: Settings, writer: SQLiteWriter | None):
+        self.settings, self.writer = settings, writer
+        self.sessions: dict[str, Session] = {}
+
+    def create(self, session_id: str | None) -> Session:
+        """Reserve an id before any slow work, so two requests cannot both claim it."""
+        session_id = session_id or f"sess-{uuid.uuid4().hex}"
+        if session_id in self.sessions or (self.writer and self._persisted(session_id)):
+            raise APIError(409, f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
+                           param="session_id", code="session_exists")
+        self._make_room()
+        session = Session(session_id, self._new_log(session_id))
+        self.sessions[session_id] = session
+        return session
+
+    def _new_log(self, session_id: str) -> SessionLog:
+        capacity = self.settings.buffer_events
+        if self.writer:
+            return SQLiteSessionLog(session_id, capacity, self.writer, created=time.time())
+        return SessionLog(session_id, capacity)
+
+    def _persisted(self, session_id: str) -> bool:
+        return bool(self.writer.query("SELECT 1 FROM sessions WHERE id=?", (session_id,)))
+
+    def _make_room(self) -> None:
+        if len(self.sessions) < self.settings.max_sessions:
+            return
+        finished = sorted((s for s in self.sessions.values() if s.done.is_set()), key=lambda s: s.finished_at)
+        if not finished:
+            raise APIError(429, "Too many sessions in progress.", "rate_limit_exceeded", code="too_many_sessions",
+                           headers={"Retry-After": "5"})
+        for session in finished[: len(self.sessions) - self.settings.max_sessions + 1]:
+            del self.sessions[session.id]
+
+    def discard(self, session: Session) -> None:
+        """Forget a session whose request failed before generation started."""
+        self.sessions.pop(session.id, None)
+        if self.writer:
+            self.writer.submit("DELETE FROM sessions WHERE id=?", (session.id,))
+
+    async def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None and self.writer:
+            log = await asyncio.to_thread(load_persisted, self.writer, session_id, self.settings.buffer_events)
+            if log is not None:
+                session = self.sessions.setdefault(session_id, Session(session_id, log, finished_at=time.time()))
+                session.done.set()
+        if session is None:
+            raise not_found(f"Session '{session_id}' not found.")
+        return session
+
+    def expire(self) -> None:
+        cutoff = time.time() - self.settings.sessions_ttl_seconds
+        for session in [s for s in self.sessions.values() if s.finished_at and s.finished_at < cutoff]:
+            del self.sessions[session.id]
+        if self.writer:
+            self.writer.submit("DELETE FROM events WHERE session_id IN "
+                               "(SELECT id FROM sessions WHERE finished IS NOT NULL AND finished < ?)", (cutoff,))
+            self.writer.submit("DELETE FROM sessions WHERE finished IS NOT NULL AND finished < ?", (cutoff,))
+
+
+# ----------------------------------------------------------------------------- generation
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    min_tokens: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: prepared inputs in, events out through its CompletionStream."""
+
+    inputs: Any
+    params: SamplingParams
+    stream: "CompletionStream"
+    reasoning: bool
+    claimed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """First of worker (to run it) or canceller (to drop it) wins."""
+        with self._lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+
+class CompletionStream:
+    """Turns one generation's deltas into chunk events in the session log.
+
+    The one place that shapes chunks, finish reasons and usage; the non-streaming
+    response is assembled from the same events.
+    """
+
+    def __init__(self, session: Session, model: str, include_usage: bool, prompt_tokens: int):
+        self.session, self.log = session, session.log
+        self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
+        self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def start(self) -> None:
+        self._chunk({"role": "assistant", "content": ""})
+
+    def deltas(self, pieces: list[tuple[str, str]]) -> None:
+        for name, text in pieces:
+            self._chunk({name: text})
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        self._chunk({}, reason)
+        if self.include_usage:
+            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(completion_tokens)}))
+        status = "cancelled" if reason == "cancelled" else "completed"
+        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
+
+    def fail(self, message: str, completion_tokens: int) -> None:
+        self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
+        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> None:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        self.log.append(dumps({**self._envelope(), "choices": [choice]}))
+
+    def _envelope(self) -> dict:
+        return {"id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _close(self, outcome: Outcome) -> None:
+        self.log.append("[DONE]")
+        self.log.finish(outcome)
+        self.session.finished_at = time.time()
+        self.session.done.set()
+        logger.info("session %s %s (%s, %d tokens)", self.session.id, outcome.status,
+                    outcome.finish_reason, outcome.completion_tokens)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def build_streamer_class():
+    """TextIteratorStreamer that also counts ids and hands text to a callback, not a queue."""
+    from transformers import TextIteratorStreamer
+
+    class CountingStreamer(TextIteratorStreamer):
+        def __init__(self, tokenizer, on_text):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.on_text, self.count, self.last_id = on_text, 0, None
+
+        def put(self, value):
+            if not self.next_tokens_are_prompt:
+                ids = value.reshape(-1).tolist()
+                self.count += len(ids)
+                self.last_id = ids[-1] if ids else self.last_id
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.on_text(text)
+
+    return CountingStreamer
+
+
+def build_generation_hooks():
+    """The StoppingCriteria and LogitsProcessor classes, defined once transformers is imported."""
+    import torch
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class FlagStop(StoppingCriteria):
+        """Stops within one decode step once the cancel flag or a stop string is seen."""
+
+        def __init__(self, cancel: threading.Event, pipeline: TextPipeline):
+            self.cancel, self.pipeline = cancel, pipeline
+
+        def __call__(self, input_ids, scores, **kwargs):
+            stop = self.cancel.is_set() or self.pipeline.stop.stopped
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    class OpenAIPenalties(LogitsProcessor):
+        """logit_bias, then presence/frequency penalties as OpenAI defines them (generated tokens only)."""
+
+        def __init__(self, prompt_len: int, p: SamplingParams):
+            self.prompt_len, self.presence, self.frequency = prompt_len, p.presence_penalty, p.frequency_penalty
+            self.bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+            self.bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
+
+        def __call__(self, input_ids, scores):
+            if len(self.bias_ids):
+                scores = scores.clone()
+                scores[:, self.bias_ids.to(scores.device)] += self.bias_values.to(scores.device, scores.dtype)
+            generated = input_ids[:, self.prompt_len:]
+            if generated.shape[1] == 0 or not (self.presence or self.frequency):
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+    return FlagStop, OpenAIPenalties
+
+
+class Worker:
+    """Runs jobs one at a time on a dedicated thread with `model.generate`.
+
+    The rest of the server only calls submit() and cancel(); a batched decoder can
+    replace this class without touching session or SSE code.
+    """
+
+    def __init__(self, models: ModelManager, max_queue: int, loop: asyncio.AbstractEventLoop):
+        self.models, self.max_queue, self.loop = models, max_queue, loop
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.waiting = 0
+        self.running: Job | None = None
+        self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
+        self.thread.start()
+
+    def admit(self) -> None:
+        """Refuse before any media is decoded when the queue is full."""
+        if self.waiting >= self.max_queue:
+            raise APIError(429, "The server is busy; retry shortly.", "rate_limit_exceeded",
+                           code="queue_full", headers={"Retry-After": "2"})
+
+    def submit(self, job: Job) -> None:
+        self.waiting += 1
+        self.jobs.put(job)
+
+    def cancel_waiting(self, job: Job) -> bool:
+        """Finish a job that has not started yet; False if the worker already has it."""
+        if not job.claim():
+            return False
+        self.waiting -= 1
+        job.stream.finish("cancelled", 0)
+        return True
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not job.claim():
+                continue
+            self.loop.call_soon_threadsafe(self._dequeued)
+            self.running = job
+            try:
+                self._generate(job)
+            finally:
+                self.running = None
+
+    def _dequeued(self) -> None:
+        self.waiting -= 1
+
+    def _generate(self, job: Job) -> None:
+        pipeline = TextPipeline(job.params.stop, job.reasoning)
+        streamer = self.models.streamer_class(self.models.processor.tokenizer,
+                                              lambda text: self._emit(job, pipeline.feed(text)))
+        try:
+            self._call_generate(job, pipeline, streamer)
+        except Exception as exc:  # a failed generation fails its own session, not the server
+            logger.exception("session %s generation failed", job.stream.session.id)
+            self.loop.call_soon_threadsafe(job.stream.fail, f"Generation failed: {type(exc).__name__}.",
+                                           streamer.count)
+            return
+        self._emit(job, pipeline.flush())
+        reason = self._finish_reason(job, pipeline, streamer)
+        self.loop.call_soon_threadsafe(job.stream.finish, reason, streamer.count)
+
+    def _call_generate(self, job: Job, pipeline: TextPipeline, streamer) -> None:
+        import torch
+
+        p, model = job.params, self.models.model
+        prompt_len = job.inputs["input_ids"].shape[1]
+        sampling = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k) \
+            if p.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        penalties = [self.models.penalties(prompt_len, p)] \
+            if p.presence_penalty or p.frequency_penalty or p.logit_bias else []
+        with torch.inference_mode():
+            model.generate(**job.inputs.to(model.device), max_new_tokens=p.max_new_tokens,
+                           min_new_tokens=p.min_tokens or None, streamer=streamer,
+                           stopping_criteria=[self.models.flag_stop(job.stream.log.cancel_flag, pipeline)],
+                           logits_processor=penalties, **sampling)
+
+    def _finish_reason(self, job: Job, pipeline: TextPipeline, streamer) -> str:
+        if pipeline.stop.stopped:
+            return "stop"
+        if job.stream.log.cancel_requested:
+            return "cancelled"
+        eos = self.models.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        return "stop" if streamer.last_id in eos else "length"
+
+    def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
+        if pieces:
+            self.loop.call_soon_threadsafe(job.stream.deltas, pieces)
+
+
+# ----------------------------------------------------------------------------- SSE
+
+LAST_EVENT_ID = re.compile(r"^(?P<sid>[A-Za-z0-9._-]{1,128}):(?P<idx>-?\d{1,18})$")
+
+
+def parse_last_event_id(request: Request) -> tuple[str, int] | None:
+    """The resume point from the Last-Event-ID header, else the last_event_id query."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None:
+        return None
+    match = LAST_EVENT_ID.match(raw.strip())
+    if not match or int(match["idx"]) < -1:
+        raise invalid("Last-Event-ID must look like '<session_id>:<index>'.", "Last-Event-ID", "invalid_last_event_id")
+    return match["sid"], int(match["idx"])
+
+
+def sse_response(app_state: "AppState", session: Session, after: int) -> EventSourceResponse:
+    """A reader of the session's log: replay after `after`, then follow live events."""
+    if after > session.log.visible:
+        raise invalid(f"Index {after} is beyond the session's last event.", "Last-Event-ID", "invalid_last_event_id")
+    if after + 1 < session.log.oldest_kept:
+        raise APIError(410, f"Events after {after} are no longer kept.", param="Last-Event-ID", code="events_expired")
+    settings = app_state.settings
+
+    async def events():
+        session.attach()
+        try:
+            async for event in session.log.follow(after):
+                yield {"id": f"{session.id}:{event.index}", "data": event.data}
+        except GoneError:  # this reader fell a whole buffer behind; a reconnect gets 410
+            logger.warning("session %s reader fell behind the ring buffer", session.id)
+        finally:
+            session.detach(settings.cancel_after_disconnect_seconds)
+
+    return EventSourceResponse(events(), ping=settings.sse_ping_seconds, send_timeout=settings.sse_send_timeout_seconds,
+                               headers={"X-Session-Id": session.id, "Cache-Control": "no-cache",
+                                        "X-Accel-Buffering": "no"})
+
+
+async def assemble_completion(session: Session, model: str) -> dict:
+    """The chat.completion a drained stream adds up to, with the session's status."""
+    try:
+        events = await session.log.read(-1)
+    except GoneError:
+        raise APIError(410, "This session's events are no longer kept.", code="events_expired") from None
+    text = {"content": [], "reasoning_content": []}
+    chunk_id, created, error = f"chatcmpl-{session.id}", session.created, None
+    for event in events:
+        if event.data == "[DONE]":
+            continue
+        chunk = json.loads(event.data)
+        error = chunk.get("error", error)
+        chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
+        for choice in chunk.get("choices", []):
+            for name, parts in text.items():
+                parts.append(choice["delta"].get(name) or "")
+    outcome = session.log.outcome
+    message = {"role": "assistant", "content": "".join(text["content"]),
+               "reasoning_content": "".join(text["reasoning_content"]) or None}
+    body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                      "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
+            "session_id": session.id, "status": outcome.status}
+    if error:
+        body["error"] = error
+    return body
+
+
+# ----------------------------------------------------------------------------- routes
+
+@dataclass
+class AppState:
+    settings: Settings
+    models: ModelManager
+    sessions: SessionRegistry
+    worker: Worker
+    writer: SQLiteWriter | None
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.server
+
+
+async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
+    """Decode media, apply the chat template and tokenize; all blocking work off the loop."""
+    messages, images, videos, metas = await load_media(req, state.settings)
+    processor = state.models.processor
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"video_metadata": metas, "do_sample_frames": False} if videos else {}
+    inputs = await asyncio.to_thread(processor, text=[prompt], images=images or None, videos=videos or None,
+                                     return_tensors="pt", **kwargs)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
+                             state.models.model.config.text_config.vocab_size)
+    stream = CompletionStream(session, state.settings.model_name,
+                              bool(req.stream_options and req.stream_options.include_usage), prompt_tokens)
+    return Job(inputs, params, stream, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN))
+
+
+def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int, context: int,
+                    vocab_size: int) -> SamplingParams:
+    if prompt_tokens >= context:
+        raise invalid(f"The prompt is {prompt_tokens} tokens; the model's context is {context}.", "messages",
+                      "context_length_exceeded")
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked and asked > s.max_tokens:
+        raise invalid(f"max_tokens may be at most {s.max_tokens}.", "max_tokens", "invalid_value")
+    max_new = min(asked or s.max_tokens, context - prompt_tokens)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=s.temperature if req.temperature is None else req.temperature,
+        top_p=s.top_p if req.top_p is None else req.top_p,
+        top_k=s.top_k if req.top_k is None else max(req.top_k, 0),
+        seed=req.seed, stop=req.stop,
+        min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        logit_bias=checked_logit_bias(req.logit_bias, vocab_size))
+
+
+def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
+    if bias and max(bias) >= vocab_size:
+        raise invalid(f"logit_bias names a token id outside the vocabulary ({vocab_size}).", "logit_bias",
+                      "invalid_value")
+    return bias or {}
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid("The body is not valid JSON.", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("The body must be a JSON object.", None, "invalid_json")
+    return body
+
+
+def validate_request(body: dict) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise invalid(f"{param}: {first['msg']}", param, "invalid_value") from None
+
+
+async def resume(state: AppState, request: Request, session_id: str | None, point: tuple[str, int]) -> Any:
+    sid, after = point
+    if session_id and session_id != sid:
+        raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID")
+    session = await state.sessions.get(sid)
+    logger.info("session %s resume after %d", sid, after)
+    return sse_response(state, session, after)
+
+
+async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
+    state.worker.admit()
+    await state.models.ensure_loaded()
+    session = state.sessions.create(req.session_id)
+    try:
+        job = await prepare_job(state, req, session)
+    except BaseException:
+        state.sessions.discard(session)
+        raise
+    job.stream.start()
+    session.job = job
+    state.worker.submit(job)
+    session.arm_auto_cancel(state.settings.cancel_after_disconnect_seconds)
+    logger.info("session %s start (prompt %d tokens, max %d, stream=%s)", session.id,
+                job.stream.prompt_tokens, job.params.max_new_tokens, req.stream)
+    return session
+
+
+def register_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        models = state_of(request).models
+        state = {"unloaded": "loading", "loading": "loading"}.get(models.state, models.state)
+        return {"status": state, "model": state_of(request).settings.model_name,
+                "error": models.error or None}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        name = state_of(request).settings.model_name
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}}})
+    async def chat_completions(request: Request) -> Any:
+        state = state_of(request)
+        body = await read_json(request)
+        point = parse_last_event_id(request)
+        if point is not None:
+            sid = body.get("session_id")
+            return await resume(state, request, sid if isinstance(sid, str) else None, point)
+        req = validate_request(body)
+        refuse_unsupported(req)
+        session = await start_session(state, req)
+        if req.stream:
+            return sse_response(state, session, -1)
+        return await wait_for_completion(state, session)
+
+    @app.get("/v1/chat/completions/{session_id}")
+    async def get_completion(request: Request, session_id: str, stream: bool = False) -> Any:
+        state = state_of(request)
+        point = parse_last_event_id(request)
+        session = await state.sessions.get(session_id)
+        if stream:
+            return await resume(state, request, session_id, point or (session_id, -1))
+        return JSONResponse(await assemble_completion(session, state.settings.model_name),
+                            headers={"X-Session-Id": session.id})
+
+    @app.post("/v1/cancel/{session_id}")
+    async def cancel(request: Request, session_id: str) -> dict:
+        state = state_of(request)
+        session = await state.sessions.get(session_id)
+        if not session.done.is_set():
+            logger.info("session %s cancel requested", session_id)
+            session.log.request_cancel()
+            if session.job is None or not state.worker.cancel_waiting(session.job):
+                await wait_briefly(session.done, 5.0)
+        return {"id": session_id, "object": "session", "status": session.log.outcome.status}
+
+
+async def wait_briefly(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def wait_for_completion(state: AppState, session: Session) -> JSONResponse:
+    session.attach()
+    try:
+        await session.done.wait()
+    finally:
+        session.detach(state.settings.cancel_after_disconnect_seconds)
+    body = await assemble_completion(session, state.settings.model_name)
+    if body["status"] == "failed":
+        raise APIError(500, body["error"]["message"], "server_error", code="generation_failed")
+    return JSONResponse(body, headers={"X-Session-Id": session.id})
+
+
+# ----------------------------------------------------------------------------- app factory
+
+class RequestIdMiddleware:
+    """Pure ASGI: a request id per request (X-Request-Id accepted and echoed) for logs and 500s."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given) else uuid.uuid4().hex
+        request_id_var.set(rid)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        return JSONResponse(error_body(f"{param}: {first['msg']}", "invalid_request_error", param, "invalid_value"),
+                            400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind, None, kind if exc.status_code == 404 else None),
+                            exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id_var.get()
+        logger.exception("request %s failed", rid)
+        return JSONResponse(error_body(f"Internal server error (request id {rid}).", "server_error", None,
+                                       "internal_error"), 500)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    loop = asyncio.get_running_loop()
+    models = ModelManager(settings)
+    writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.persist_sessions else None
+    if writer:
+        interrupted = await asyncio.to_thread(close_interrupted, writer)
+        logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
+    state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings.max_queue, loop),
+                     writer)
+    app.state.server = state
+    if settings.preload_model:
+        asyncio.ensure_future(asyncio.to_thread(models.load))
+    sweeper = asyncio.ensure_future(sweep_sessions(state))
+    yield
+    sweeper.cancel()
+    await shutdown(state)
+
+
+async def sweep_sessions(state: AppState) -> None:
+    interval = max(1.0, min(60.0, state.settings.sessions_ttl_seconds / 2))
+    while True:
+        await asyncio.sleep(interval)
+        state.sessions.expire()
+
+
+async def shutdown(state: AppState) -> None:
+    """Cancel running generations with a final event, then flush SQLite."""
+    running = [s for s in state.sessions.sessions.values() if not s.done.is_set()]
+    for session in running:
+        session.log.request_cancel()
+        if session.job is not None:
+            state.worker.cancel_waiting(session.job)
+    for session in running:
+        await wait_briefly(session.done, 10.0)
+    state.worker.stop()
+    if state.writer:
+        await asyncio.to_thread(state.writer.close)
+    logger.info("shutdown complete (%d generations stopped)", len(running))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="Qwen3-VL OpenAI-compatible server", lifespan=lifespan)
+    app.state.settings = settings
+    configure_logging(settings.log_level)
+    register_error_handlers(app)
+    register_routes(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host=app.state.settings.host, port=app.state.settings.port,
+                log_level=app.state.settings.log_level)
