@@ -1,0 +1,173 @@
+"""Every refusal is an OpenAI-shaped error body with the right status, never a 500."""
+
+import base64
+import time
+
+import httpx
+import pytest
+
+from conftest import InProcessServer, stream_events, wait_ready
+
+TEXT = [{"role": "user", "content": "hi"}]
+
+
+def post(base_url: str, body, **kw) -> httpx.Response:
+    return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def b64(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, None),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": TEXT, "temperature": "hot"}, "temperature"),
+    ({"messages": TEXT, "temperature": 3}, "temperature"),
+    ({"messages": TEXT, "max_tokens": 0}, "max_tokens"),
+    ({"messages": TEXT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": TEXT, "session_id": "bad id with spaces"}, "session_id"),
+    ({"messages": TEXT, "logit_bias": {"1": 500}}, "logit_bias"),
+    ({"messages": TEXT, "max_tokens": 10 ** 6}, "max_tokens"),
+])
+def test_invalid_requests_are_400_with_openai_error(base_url, body, param):
+    error = assert_error(post(base_url, body), 400)
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] is not None and error["param"].startswith(param)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
+    ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
+])
+def test_known_fields_we_cannot_honour_are_refused_by_name(base_url, field, value):
+    assert_error(post(base_url, {"messages": TEXT, field: value}), 400, "unsupported_parameter", field)
+
+
+def test_unknown_fields_are_ignored(base_url):
+    response = post(base_url, {"messages": TEXT, "max_tokens": 2, "frobnicate": True, "user": "u1"})
+    assert response.status_code == 200
+
+
+def test_body_that_is_not_json_is_400(base_url):
+    response = httpx.post(base_url + "/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("url,code", [
+    (b64(b"definitely not an image", "image/png"), "invalid_image"),
+    ("data:image/png;base64,@@@not-base64@@@", "invalid_data_uri"),
+    ("data:image/png,rawtext", "invalid_data_uri"),
+    ("file:///etc/passwd", "invalid_media_url"),
+    ("/etc/passwd", "invalid_media_url"),
+    ("ftp://example.com/x.png", "invalid_media_url"),
+])
+def test_bad_images_are_400(base_url, url, code):
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    assert_error(post(base_url, body), 400, code, "messages.0.content.0")
+
+
+def test_undecodable_video_is_400(base_url):
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": b64(b"\x00\x00\x00\x18ftypmp42garbage", "video/mp4")}}]}]}
+    assert_error(post(base_url, body), 400, "invalid_video")
+
+
+def test_prompt_longer_than_context_is_context_length_exceeded(base_url):
+    body = {"messages": [{"role": "user", "content": "hello there " * 3000}]}
+    assert_error(post(base_url, body), 400, "context_length_exceeded", "messages")
+
+
+def test_failed_request_does_not_keep_its_session_id(base_url):
+    bad = {"messages": [{"role": "user", "content": "hello there " * 3000}], "session_id": "reuse-after-400"}
+    assert_error(post(base_url, bad), 400)
+    ok = post(base_url, {"messages": TEXT, "max_tokens": 2, "session_id": "reuse-after-400"})
+    assert ok.status_code == 200
+
+
+def test_unknown_route_is_404_in_openai_shape(base_url):
+    assert_error(httpx.get(base_url + "/v1/nothing-here"), 404)
+
+
+def test_wrong_method_is_405_in_openai_shape(base_url):
+    assert_error(httpx.get(base_url + "/v1/cancel/x"), 405)
+
+
+def test_request_id_is_echoed(base_url):
+    response = httpx.get(base_url + "/health", headers={"X-Request-Id": "trace-123"})
+    assert response.headers["x-request-id"] == "trace-123"
+
+
+def test_load_failure_gives_503_with_retry_after_and_health_error(tmp_path):
+    with InProcessServer(tmp_path / "no-such-model") as srv:
+        response = post(srv.base_url, {"messages": TEXT})
+        error = assert_error(response, 503, "model_load_failed")
+        assert error["type"] == "server_error" and int(response.headers["retry-after"]) > 0
+        health = httpx.get(srv.base_url + "/health").json()
+        assert health["status"] == "error" and health["error"]
+
+
+def test_requests_while_loading_get_503_model_loading(tiny_model_dir):
+    with InProcessServer(tiny_model_dir, model_load_wait_seconds=0) as srv:
+        response = post(srv.base_url, {"messages": TEXT, "max_tokens": 2})
+        if srv.state.models.state != "ready":  # the load can win the race on a fast machine
+            assert_error(response, 503, "model_loading")
+            assert response.headers["retry-after"]
+        wait_ready(srv.base_url)
+        assert post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200
+
+
+def test_concurrent_first_requests_load_the_model_once(tiny_model_dir):
+    import concurrent.futures
+
+    with InProcessServer(tiny_model_dir) as srv:
+        calls = []
+        original = srv.state.models._from_pretrained
+
+        def counting():
+            calls.append(time.monotonic())
+            return original()
+
+        srv.state.models._from_pretrained = counting
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code,
+                                  range(4)))
+        assert codes == [200] * 4 and len(calls) == 1
+
+
+def test_failure_during_generation_becomes_error_event_then_done(tiny_model_dir):
+    """A crash inside generate() is a fault the real model does not produce: injected."""
+    with InProcessServer(tiny_model_dir, preload_model=True) as srv:
+        wait_ready(srv.base_url)
+        model = srv.state.models.model
+        original = model.generate
+
+        def broken_generate(**kwargs):
+            kwargs["max_new_tokens"] = 3
+            original(**kwargs)
+            raise RuntimeError("device fell off the bus")
+
+        model.generate = broken_generate
+        _, status, events = stream_events(srv.base_url, {"messages": TEXT, "stream": True, "seed": 1})
+        assert status == 200
+        assert events[-1]["data"] == "[DONE]"
+        assert '"generation_failed"' in events[-2]["data"]
+        response = post(srv.base_url, {"messages": TEXT})
+        error = assert_error(response, 500, "generation_failed")
+        assert "device fell off" not in error["message"]

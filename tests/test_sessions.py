@@ -1,0 +1,244 @@
+"""Streams that survive the network: resume by Last-Event-ID, readers, cancel, auto-cancel."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import InProcessServer, chunk_payloads, event_index, long_request, stream_events, wait_ready
+
+TEXT = [{"role": "user", "content": "Tell me something."}]
+
+
+def short_request(session_id: str, **extra) -> dict:
+    return {"messages": TEXT, "max_tokens": 60, "ignore_eos": True, "seed": 3, "temperature": 1.0, "stream": True,
+            "session_id": session_id, **extra}
+
+
+def get_completion(base_url: str, session_id: str) -> dict:
+    response = httpx.get(f"{base_url}/v1/chat/completions/{session_id}", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_status(base_url: str, session_id: str, statuses: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = get_completion(base_url, session_id)
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"{session_id} never reached {statuses}: {body['status']}")
+
+
+def assert_contiguous(events: list[dict], session_id: str, start: int = 0) -> None:
+    assert [e["id"] for e in events] == [f"{session_id}:{i}" for i in range(start, start + len(events))]
+
+
+def test_resume_after_disconnect_replays_exactly_the_missing_events(base_url):
+    _, _, reference = stream_events(base_url, short_request("resume-ref"))
+    _, _, first = stream_events(base_url, short_request("resume-a"), limit=4)
+    last_seen = first[-1]["id"]
+    wait_status(base_url, "resume-a", {"completed"})
+    _, status, rest = stream_events(base_url, short_request("resume-a"), headers={"Last-Event-ID": last_seen})
+    assert status == 200
+    joined = first + rest
+    assert_contiguous(joined, "resume-a")
+    assert joined[-1]["data"] == "[DONE]"
+    assert chunk_payloads(joined) == chunk_payloads(reference)
+
+
+def test_reconnect_while_live_twice_keeps_the_seam_exact(base_url):
+    body = long_request(session_id="seam-1", max_tokens=600)
+    _, _, a = stream_events(base_url, body, limit=3)
+    _, _, b = stream_events(base_url, body, headers={"Last-Event-ID": a[-1]["id"]}, limit=5)
+    _, _, c = stream_events(base_url, body, params={"last_event_id": b[-1]["id"]})
+    joined = a + b + c
+    assert_contiguous(joined, "seam-1")
+    assert joined[-1]["data"] == "[DONE]"
+    full = stream_events(base_url, body, headers={"Last-Event-ID": "seam-1:-1"})[2]
+    assert [e["data"] for e in full] == [e["data"] for e in joined]
+
+
+def test_resume_never_starts_a_second_generation(base_url):
+    _, _, events = stream_events(base_url, short_request("no-second-gen"))
+    before = get_completion(base_url, "no-second-gen")
+    _, _, again = stream_events(base_url, short_request("no-second-gen"), headers={"Last-Event-ID": "no-second-gen:0"})
+    assert [e["data"] for e in again] == [e["data"] for e in events[1:]]
+    assert get_completion(base_url, "no-second-gen") == before
+
+
+def test_two_readers_at_once_get_identical_streams(base_url):
+    body = long_request(session_id="two-readers", max_tokens=400)
+    results = {}
+
+    def second_reader():
+        time.sleep(0.05)
+        results["b"] = stream_events(base_url, body, method="GET", path="/v1/chat/completions/two-readers",
+                                     params={"stream": "true"})[2]
+
+    thread = threading.Thread(target=second_reader)
+    thread.start()
+    results["a"] = stream_events(base_url, body)[2]
+    thread.join()
+    assert results["a"] == results["b"]
+    assert_contiguous(results["a"], "two-readers")
+
+
+def test_resume_after_completion_and_json_after_disconnect(base_url):
+    _, _, first = stream_events(base_url, short_request("after-done"), limit=2)
+    body = wait_status(base_url, "after-done", {"completed"})
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 60
+    assert body["choices"][0]["finish_reason"] == "length"
+    _, _, rest = stream_events(base_url, short_request("after-done"), headers={"Last-Event-ID": first[-1]["id"]})
+    assert_contiguous(first + rest, "after-done")
+    streamed = "".join(json.loads(e["data"])["choices"][0]["delta"].get("reasoning_content") or ""
+                       for e in (first + rest)[:-1] if json.loads(e["data"])["choices"])
+    assert streamed == body["choices"][0]["message"]["reasoning_content"]
+
+
+def test_eventsource_style_get_resumes_with_header_or_query(base_url):
+    _, _, events = stream_events(base_url, short_request("es-get"))
+    path = "/v1/chat/completions/es-get"
+    by_header = stream_events(base_url, method="GET", path=path, params={"stream": "true"},
+                              headers={"Last-Event-ID": "es-get:5"})[2]
+    by_query = stream_events(base_url, method="GET", path=path, params={"stream": "true", "last_event_id": "es-get:5"})
+    assert by_header == events[6:] == by_query[2]
+    header_wins = stream_events(base_url, method="GET", path=path, headers={"Last-Event-ID": "es-get:7"},
+                                params={"stream": "true", "last_event_id": "es-get:2"})[2]
+    assert header_wins == events[8:]
+
+
+def test_cancel_mid_stream_stops_generation_and_ends_both_readers(base_url):
+    body = long_request(session_id="cancel-me")
+    results = {}
+
+    def reader(name, **kw):
+        results[name] = stream_events(base_url, body, **kw)[2]
+
+    threads = [threading.Thread(target=reader, args=("a",)),
+               threading.Thread(target=reader, args=("b",),
+                                kwargs={"method": "GET", "path": "/v1/chat/completions/cancel-me",
+                                        "params": {"stream": "true"}})]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    time.sleep(0.2)
+    response = httpx.post(f"{base_url}/v1/cancel/cancel-me", timeout=30)
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    for thread in threads:
+        thread.join(timeout=30)
+    for events in results.values():
+        assert events[-1]["data"] == "[DONE]"
+        final = json.loads(events[-2]["data"])
+        assert final["choices"][0]["finish_reason"] == "cancelled"
+    tokens = get_completion(base_url, "cancel-me")["usage"]["completion_tokens"]
+    assert 0 < tokens < 3000
+    time.sleep(0.3)
+    after = get_completion(base_url, "cancel-me")
+    assert after["usage"]["completion_tokens"] == tokens and after["status"] == "cancelled"
+    again = httpx.post(f"{base_url}/v1/cancel/cancel-me")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+def test_cancel_of_finished_session_keeps_its_status(base_url):
+    stream_events(base_url, short_request("finished-then-cancel"))
+    response = httpx.post(f"{base_url}/v1/cancel/finished-then-cancel")
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+
+
+def test_cancel_unknown_session_is_404(base_url):
+    assert httpx.post(f"{base_url}/v1/cancel/never-was").status_code == 404
+
+
+def test_reusing_a_running_session_id_without_last_event_id_is_409(base_url):
+    body = long_request(session_id="conflict-1", max_tokens=800)
+    stream_events(base_url, body, limit=2)
+    response = httpx.post(base_url + "/v1/chat/completions", json=body)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "session_exists"
+    httpx.post(f"{base_url}/v1/cancel/conflict-1")
+
+
+@pytest.mark.parametrize("header,status", [
+    ("garbage", 400), ("no-index:", 400), ("x:1:2", 400), ("unknown-session:3", 404),
+])
+def test_bad_last_event_ids(base_url, header, status):
+    body = {k: v for k, v in short_request("unused").items() if k != "session_id"}
+    response = httpx.post(base_url + "/v1/chat/completions", json=body, headers={"Last-Event-ID": header})
+    assert response.status_code == status
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_last_event_id_of_another_session_than_the_body_is_400(base_url):
+    stream_events(base_url, short_request("mismatch-a"))
+    response = httpx.post(base_url + "/v1/chat/completions", json=short_request("mismatch-b"),
+                          headers={"Last-Event-ID": "mismatch-a:1"})
+    assert response.status_code == 400
+
+
+def test_index_beyond_the_log_is_400_and_unknown_get_is_404(base_url):
+    stream_events(base_url, short_request("beyond"))
+    response = httpx.get(base_url + "/v1/chat/completions/beyond", params={"stream": "true"},
+                         headers={"Last-Event-ID": "beyond:9999"})
+    assert response.status_code == 400
+    assert httpx.get(base_url + "/v1/chat/completions/never-was").status_code == 404
+
+
+def test_stale_index_older_than_ring_buffer_is_410(tiny_model_dir):
+    with InProcessServer(tiny_model_dir, session_buffer_events=8, preload_model=True) as srv:
+        wait_ready(srv.base_url)
+        _, _, events = stream_events(srv.base_url, short_request("small-buffer"))
+        assert len(events) > 8
+        response = httpx.post(srv.base_url + "/v1/chat/completions", json=short_request("small-buffer"),
+                              headers={"Last-Event-ID": "small-buffer:0"})
+        assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
+        recent = stream_events(srv.base_url, short_request("small-buffer"),
+                               headers={"Last-Event-ID": events[-4]["id"]})[2]
+        assert recent == events[-3:]
+
+
+@pytest.fixture(scope="module")
+def auto_cancel_server(tiny_model_dir):
+    with InProcessServer(tiny_model_dir, cancel_after_disconnect_seconds=1.0, preload_model=True) as srv:
+        wait_ready(srv.base_url)
+        yield srv
+
+
+def test_auto_cancel_fires_once_nobody_listens(auto_cancel_server):
+    url = auto_cancel_server.base_url
+    stream_events(url, long_request(session_id="abandoned", max_tokens=3000), limit=3)
+    body = wait_status(url, "abandoned", {"cancelled", "completed"}, timeout=10)
+    assert body["status"] == "cancelled" and body["choices"][0]["finish_reason"] == "cancelled"
+    assert body["usage"]["completion_tokens"] < 3000
+
+
+def test_auto_cancel_does_not_fire_while_a_reader_listens(auto_cancel_server):
+    url = auto_cancel_server.base_url
+    started = time.monotonic()
+    _, _, events = stream_events(url, long_request(session_id="watched", max_tokens=1500))
+    assert time.monotonic() - started > 1.5, "generation must outlive the auto-cancel delay for this test"
+    assert json.loads(events[-2]["data"])["choices"][0]["finish_reason"] == "length"
+    assert get_completion(url, "watched")["status"] == "completed"
+
+
+def test_auto_cancel_timer_stops_when_a_reader_comes_back(auto_cancel_server):
+    url = auto_cancel_server.base_url
+    body = long_request(session_id="came-back", max_tokens=1500)
+    _, _, first = stream_events(url, body, limit=2)
+    time.sleep(0.5)
+    _, _, rest = stream_events(url, body, headers={"Last-Event-ID": first[-1]["id"]})
+    assert json.loads(rest[-2]["data"])["choices"][0]["finish_reason"] == "length"
+    assert event_index(rest[0]) == event_index(first[-1]) + 1
+
+
+def test_listener_counts_return_to_zero_after_disconnects(auto_cancel_server):
+    url = auto_cancel_server.base_url
+    stream_events(url, short_request("count-me", max_tokens=400), limit=2)
+    stream_events(url, short_request("count-me", max_tokens=400), headers={"Last-Event-ID": "count-me:0"}, limit=2)
+    session = auto_cancel_server.state.sessions.sessions["count-me"]
+    deadline = time.monotonic() + 5
+    while session.listeners and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert session.listeners == 0
