@@ -29,11 +29,15 @@ import asyncio
 import base64
 import binascii
 import contextvars
+import hmac
 import io
+import ipaddress
 import json
 import logging
+import os
 import queue
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -41,8 +45,11 @@ import uuid
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, AsyncIterator, Literal
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,9 +84,25 @@ class Settings(BaseSettings):
     top_p: float = Field(0.95, description="Default nucleus sampling threshold.")
     top_k: int = Field(20, description="Default top-k; 0 disables it.")
     max_video_frames: int = Field(16, description="Frames sampled uniformly from each video, at most.")
-    max_media_bytes: int = Field(20_000_000, description="Largest image or video a URL may deliver.")
+    max_request_bytes: int = Field(20_000_000, description="Largest request body; larger ones get 413 unread.")
+    max_image_bytes: int = Field(10_000_000, description="Largest image, as a data URI or fetched.")
+    max_image_pixels: int = Field(36_000_000, description="Most pixels in an image or video frame (checked before decoding).")
+    max_images_per_request: int = Field(8, description="Most images in one request.")
+    max_video_bytes: int = Field(50_000_000, description="Largest video, as a data URI or fetched.")
+    max_video_seconds: float = Field(600.0, description="Longest video accepted.")
+    max_video_decoded_frames: int = Field(36_000, description="Most frames a video may hold (all are demuxed).")
+    max_videos_per_request: int = Field(2, description="Most videos in one request.")
     media_fetch_timeout_seconds: float = Field(10.0, description="Connect/read timeout when fetching media URLs.")
-    max_queue: int = Field(64, description="Generations that may wait behind the running one; more get 429.")
+    allow_private_media: bool = Field(False, description="Allow media URLs on loopback/private/link-local addresses.")
+    private_media_networks: str = Field("", description="Comma list of CIDRs exempt from the private-address block.")
+    allowed_media_domains: str = Field("", description="Comma list of domains media URLs must be on; empty allows all.")
+    allowed_local_media_path: str = Field("", description="Directory whose files may be named as media; empty refuses paths.")
+    api_key: str = Field("", description="Bearer key, or a comma list of keys, required on /v1 routes; empty disables.")
+    cors_allow_origins: str = Field("", description="Comma list of origins allowed by CORS; empty disables CORS.")
+    max_queue: int = Field(16, description="Generations that may wait behind the running one; more get 429.")
+    generation_timeout_seconds: float = Field(600.0, description="Longest one generation may decode; 0 disables.")
+    context_overflow: Literal["error", "truncate"] = Field(
+        "error", description="Prompt over the context: error (400) or truncate (drop the oldest non-system turns).")
     session_buffer_events: int = Field(0, description="Events kept in memory per session; 0 means MAX_TOKENS + 16.")
     max_sessions: int = Field(256, description="Sessions kept in memory; the oldest finished ones are dropped first.")
     sessions_ttl_seconds: float = Field(3600.0, description="Finished sessions are deleted this long after they end.")
@@ -121,7 +144,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+def invalid(message: str, param: str | None, code: str) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -233,7 +256,7 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise invalid("Only response_format type 'text' is supported.", "response_format", "unsupported_parameter")
     for i, message in enumerate(req.messages):
         if message.role == "user" and not message.content:
-            raise invalid("User messages need content.", f"messages.{i}.content")
+            raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
 
 
 # ----------------------------------------------------------------------------- media loading
@@ -241,33 +264,38 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
                       re.DOTALL)
+MAX_REDIRECTS = 3
 
 
-async def fetch_media(url: str, settings: Settings, param: str) -> bytes:
-    """Bytes behind a data URI or an http(s) URL; anything else is refused."""
+def too_large(message: str, param: str | None, code: str) -> APIError:
+    return APIError(413, message, param=param, code=code)
+
+
+def check_media_counts(req: "ChatCompletionRequest", settings: Settings) -> None:
+    """Refuse too many media parts before anything is fetched or decoded."""
+    parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
+    images = sum(isinstance(p, ImagePart) for p in parts)
+    videos = sum(isinstance(p, VideoPart) for p in parts)
+    if images > settings.max_images_per_request:
+        raise too_large(f"At most {settings.max_images_per_request} images per request.", "messages",
+                        "too_many_images")
+    if videos > settings.max_videos_per_request:
+        raise too_large(f"At most {settings.max_videos_per_request} videos per request.", "messages",
+                        "too_many_videos")
+
+
+async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> bytes:
+    """Bytes behind a data URI, an allowed local path, or an http(s) URL on a public address."""
     if url.startswith("data:"):
-        return decode_data_uri(url, param)
-    if not url.startswith(("http://", "https://")):
-        raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
-    timeout = httpx.Timeout(settings.media_fetch_timeout_seconds)
-    try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=3) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise invalid(f"Fetching media failed with HTTP {response.status_code}.", param, "media_fetch_failed")
-                return await read_capped(response, settings.max_media_bytes, param)
-    except httpx.HTTPError as exc:
-        raise invalid(f"Fetching media failed: {type(exc).__name__}.", param, "media_fetch_failed") from None
-
-
-async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes:
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Media is larger than {limit} bytes.", param=param, code="media_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        data = decode_data_uri(url, param)
+        if len(data) > limit:
+            raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
+        return data
+    if url.startswith(("http://", "https://")):
+        return await fetch_http(url, settings, param, limit)
+    if settings.allowed_local_media_path:
+        return await asyncio.to_thread(read_local_media, url, settings.allowed_local_media_path, param, limit)
+    raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
 
 
 def decode_data_uri(url: str, param: str) -> bytes:
@@ -280,41 +308,154 @@ def decode_data_uri(url: str, param: str) -> bytes:
         raise invalid("The data URI holds invalid base64.", param, "invalid_data_uri") from None
 
 
-def decode_image(data: bytes, param: str):
+def read_local_media(url: str, root: str, param: str, limit: int) -> bytes:
+    """A file under ALLOWED_LOCAL_MEDIA_PATH (symlinks resolved before the check)."""
+    path = os.path.realpath(url.removeprefix("file://"))
+    base = os.path.realpath(root)
+    if os.path.commonpath([path, base]) != base or not os.path.isfile(path):
+        raise invalid("Local media must be a file under the allowed media path.", param, "invalid_media_url")
+    if os.path.getsize(path) > limit:
+        raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def fetch_http(url: str, settings: Settings, param: str, limit: int) -> bytes:
+    """GET with timeouts and a streamed byte cap, re-checking the address of every redirect hop.
+
+    Each hop connects to the very address that was checked (the Host header and TLS SNI
+    keep the name), so a DNS answer that changes between check and connect cannot
+    reach a private address.
+    """
+    timeout = httpx.Timeout(settings.media_fetch_timeout_seconds)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            pinned, host = await pin_address(url, settings, param)
+            try:
+                async with client.stream("GET", pinned, headers={"Host": host},
+                                         extensions={"sni_hostname": host.split(":")[0].strip("[]")}) as response:
+                    if response.is_redirect and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise invalid(f"Fetching media failed with HTTP {response.status_code}.", param,
+                                      "media_fetch_failed")
+                    return await read_capped(response, limit, param)
+            except httpx.HTTPError as exc:
+                raise invalid(f"Fetching media failed: {type(exc).__name__}.", param, "media_fetch_failed") from None
+    raise invalid("Too many redirects while fetching media.", param, "media_fetch_failed")
+
+
+async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, str]:
+    """(URL rewritten to a checked IP address, original Host header) or a 400."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
+        raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
+    if not domain_allowed(host, settings.allowed_media_domains):
+        raise invalid(f"Media host '{host}' is not in the allowed domains.", param, "media_url_forbidden")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                                       settings.media_fetch_timeout_seconds)
+    except (socket.gaierror, UnicodeError, TimeoutError):
+        raise invalid(f"Media host '{host}' does not resolve.", param, "media_fetch_failed") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses or not all(address_allowed(a, settings) for a in addresses):
+        raise invalid("Media URLs may not point at private, loopback or reserved addresses.", param,
+                      "media_url_forbidden")
+    ip = addresses[0]
+    netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), parts.netloc.rsplit("@", 1)[-1]
+
+
+def domain_allowed(host: str, allowed: str) -> bool:
+    domains = [d.strip().lower().lstrip(".") for d in allowed.split(",") if d.strip()]
+    host = host.lower().rstrip(".")
+    return not domains or any(host == d or host.endswith("." + d) for d in domains)
+
+
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    if settings.allow_private_media or any(ip in net for net in media_networks(settings.private_media_networks)):
+        return True
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback)
+
+
+@lru_cache(maxsize=8)
+def media_networks(spec: str) -> tuple:
+    return tuple(ipaddress.ip_network(n.strip(), strict=False) for n in spec.split(",") if n.strip())
+
+
+async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_image(data: bytes, param: str, max_pixels: int):
+    """An RGB PIL image; the pixel count is checked from the header, before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
             raise invalid(f"Image format {image.format} is not supported.", param, "invalid_image")
+        if image.width * image.height > max_pixels:
+            raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large")
         return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, "invalid_image") from None
 
 
-def decode_video(data: bytes, max_frames: int, param: str):
-    """Uniformly sample at most max_frames RGB frames with PyAV; returns (frames, metadata)."""
+def decode_video(data: bytes, settings: Settings, param: str):
+    """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
     import av
     import numpy as np
     from transformers.video_utils import VideoMetadata
 
     try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 24)
-            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-        wanted = np.unique(np.linspace(0, max(total - 1, 0), min(max_frames, max(total, 1))).round().astype(int))
+        total, fps, width, height = probe_video(data, settings, param)
+        wanted = np.linspace(0, total - 1, min(settings.max_video_frames, total)).round().astype(int)
         frames, indices = read_frames(data, set(wanted.tolist()))
-    except (av.FFmpegError, IndexError, ValueError, OSError) as exc:
+    except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
         raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
     if not frames:
         raise invalid("The video holds no decodable frames.", param, "invalid_video")
     if len(frames) == 1:  # the vision tower groups frames in pairs
         frames, indices = frames * 2, indices * 2
-    height, width = frames[0].shape[:2]
     meta = VideoMetadata(total_num_frames=total, fps=fps, width=width, height=height, duration=total / fps,
                          video_backend="pyav", frames_indices=np.array(indices))
     return np.stack(frames), meta
+
+
+def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float, int, int]:
+    """(frames, fps, width, height) from the container, refusing oversize videos before decoding."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 24)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > settings.max_image_pixels:
+            raise too_large(f"Video frames may have at most {settings.max_image_pixels} pixels.", param,
+                            "video_too_large")
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    if total / fps > settings.max_video_seconds or total > settings.max_video_decoded_frames:
+        raise too_large(f"Videos may last at most {settings.max_video_seconds:g} s and "
+                        f"{settings.max_video_decoded_frames} frames.", param, "video_too_large")
+    if total < 1:
+        raise invalid("The video holds no frames.", param, "invalid_video")
+    return total, fps, width, height
 
 
 def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
@@ -331,31 +472,45 @@ def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
     return frames, indices
 
 
-async def load_media(req: ChatCompletionRequest, settings: Settings) -> tuple[list[dict], list, list, list]:
-    """Template-ready messages (media replaced by placeholders) plus decoded images and videos."""
-    messages, images, videos, metas = [], [], [], []
+@dataclass
+class PromptMessage:
+    """One message ready for the chat template, with the media its placeholders stand for."""
+
+    role: str
+    content: str | list[dict]
+    images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+    video_metadata: list = field(default_factory=list)
+
+
+async def load_media(req: "ChatCompletionRequest", settings: Settings) -> list[PromptMessage]:
+    """Messages with media fetched and decoded off the loop, replaced by template placeholders."""
+    out = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
         if not isinstance(message.content, list):
-            messages.append({"role": role, "content": message.content or ""})
+            out.append(PromptMessage(role, message.content or ""))
             continue
-        parts = []
+        prompt = PromptMessage(role, [])
         for j, part in enumerate(message.content):
-            param = f"messages.{i}.content.{j}"
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-            elif isinstance(part, ImagePart):
-                data = await fetch_media(part.image_url.url, settings, param)
-                images.append(await asyncio.to_thread(decode_image, data, param))
-                parts.append({"type": "image"})
-            else:
-                data = await fetch_media(part.video_url.url, settings, param)
-                frames, meta = await asyncio.to_thread(decode_video, data, settings.max_video_frames, param)
-                videos.append(frames)
-                metas.append(meta)
-                parts.append({"type": "video"})
-        messages.append({"role": role, "content": parts})
-    return messages, images, videos, metas
+            await load_part(part, prompt, settings, f"messages.{i}.content.{j}")
+        out.append(prompt)
+    return out
+
+
+async def load_part(part: "ContentPart", prompt: PromptMessage, settings: Settings, param: str) -> None:
+    if isinstance(part, TextPart):
+        prompt.content.append({"type": "text", "text": part.text})
+    elif isinstance(part, ImagePart):
+        data = await fetch_media(part.image_url.url, settings, param, settings.max_image_bytes)
+        prompt.images.append(await asyncio.to_thread(decode_image, data, param, settings.max_image_pixels))
+        prompt.content.append({"type": "image"})
+    else:
+        data = await fetch_media(part.video_url.url, settings, param, settings.max_video_bytes)
+        frames, meta = await asyncio.to_thread(decode_video, data, settings, param)
+        prompt.videos.append(frames)
+        prompt.video_metadata.append(meta)
+        prompt.content.append({"type": "video"})
 
 
 # ----------------------------------------------------------------------------- model
@@ -654,8 +809,6 @@ class SQLiteWriter:
     """
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop):
-        import os
-
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.loop = path, loop
         self.ops: queue.Queue = queue.Queue()
@@ -903,7 +1056,12 @@ class Job:
     stream: "CompletionStream"
     reasoning: bool
     claimed: bool = False
+    deadline: float = float("inf")
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
 
     def claim(self) -> bool:
         """First of worker (to run it) or canceller (to drop it) wins."""
@@ -921,14 +1079,18 @@ class CompletionStream:
     response is assembled from the same events.
     """
 
-    def __init__(self, session: Session, model: str, include_usage: bool, prompt_tokens: int):
+    def __init__(self, session: Session, model: str, include_usage: bool, prompt_tokens: int,
+                 truncated_messages: int = 0):
         self.session, self.log = session, session.log
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
+        self.truncated_messages = truncated_messages
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def start(self) -> None:
-        self._chunk({"role": "assistant", "content": ""})
+        """The role chunk; it also says how many old messages were dropped to fit the context."""
+        extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else {}
+        self._chunk({"role": "assistant", "content": ""}, extra=extra)
 
     def deltas(self, pieces: list[tuple[str, str]]) -> None:
         for name, text in pieces:
@@ -949,9 +1111,9 @@ class CompletionStream:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> None:
+    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        self.log.append(dumps({**self._envelope(), "choices": [choice]}))
+        self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
 
     def _envelope(self) -> dict:
         return {"id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
@@ -997,13 +1159,13 @@ def build_generation_hooks():
     from transformers import LogitsProcessor, StoppingCriteria
 
     class FlagStop(StoppingCriteria):
-        """Stops within one decode step once the cancel flag or a stop string is seen."""
+        """Stops within one decode step on cancel, a matched stop string, or the time cap."""
 
-        def __init__(self, cancel: threading.Event, pipeline: TextPipeline):
-            self.cancel, self.pipeline = cancel, pipeline
+        def __init__(self, job: Job, pipeline: TextPipeline):
+            self.job, self.pipeline = job, pipeline
 
         def __call__(self, input_ids, scores, **kwargs):
-            stop = self.cancel.is_set() or self.pipeline.stop.stopped
+            stop = self.job.stream.log.cancel_requested or self.pipeline.stop.stopped or self.job.timed_out
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     class OpenAIPenalties(LogitsProcessor):
@@ -1034,29 +1196,38 @@ class Worker:
     replace this class without touching session or SSE code.
     """
 
-    def __init__(self, models: ModelManager, max_queue: int, loop: asyncio.AbstractEventLoop):
-        self.models, self.max_queue, self.loop = models, max_queue, loop
+    SLOTS = 1  # generations decoding at once
+
+    def __init__(self, models: ModelManager, settings: Settings, loop: asyncio.AbstractEventLoop):
+        self.models, self.settings, self.loop = models, settings, loop
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.waiting = 0
+        self.admitted = 0  # from admit() until the job ends or its request fails
         self.running: Job | None = None
         self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self.thread.start()
 
     def admit(self) -> None:
-        """Refuse before any media is decoded when the queue is full."""
-        if self.waiting >= self.max_queue:
+        """Take a slot, or 429 before any media is decoded when running + queued are full."""
+        if self.admitted >= self.SLOTS + self.settings.max_queue:
             raise APIError(429, "The server is busy; retry shortly.", "rate_limit_exceeded",
                            code="queue_full", headers={"Retry-After": "2"})
+        self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
+
+    @property
+    def queued(self) -> int:
+        return self.admitted - (self.running is not None)
 
     def submit(self, job: Job) -> None:
-        self.waiting += 1
         self.jobs.put(job)
 
     def cancel_waiting(self, job: Job) -> bool:
         """Finish a job that has not started yet; False if the worker already has it."""
         if not job.claim():
             return False
-        self.waiting -= 1
+        self.release()
         job.stream.finish("cancelled", 0)
         return True
 
@@ -1067,15 +1238,14 @@ class Worker:
         while (job := self.jobs.get()) is not None:
             if not job.claim():
                 continue
-            self.loop.call_soon_threadsafe(self._dequeued)
             self.running = job
+            timeout = self.settings.generation_timeout_seconds
+            job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
             try:
                 self._generate(job)
             finally:
                 self.running = None
-
-    def _dequeued(self) -> None:
-        self.waiting -= 1
+                self.loop.call_soon_threadsafe(self.release)
 
     def _generate(self, job: Job) -> None:
         pipeline = TextPipeline(job.params.stop, job.reasoning)
@@ -1106,7 +1276,7 @@ class Worker:
         with torch.inference_mode():
             model.generate(**job.inputs.to(model.device), max_new_tokens=p.max_new_tokens,
                            min_new_tokens=p.min_tokens or None, streamer=streamer,
-                           stopping_criteria=[self.models.flag_stop(job.stream.log.cancel_flag, pipeline)],
+                           stopping_criteria=[self.models.flag_stop(job, pipeline)],
                            logits_processor=penalties, **sampling)
 
     def _finish_reason(self, job: Job, pipeline: TextPipeline, streamer) -> str:
@@ -1114,6 +1284,8 @@ class Worker:
             return "stop"
         if job.stream.log.cancel_requested:
             return "cancelled"
+        if job.timed_out:
+            return "timeout"
         eos = self.models.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         return "stop" if streamer.last_id in eos else "length"
@@ -1125,6 +1297,7 @@ class Worker:
 
 # ----------------------------------------------------------------------------- SSE
 
+SHUTDOWN_GRACE_SECONDS = 5.0
 LAST_EVENT_ID = re.compile(r"^(?P<sid>[A-Za-z0-9._-]{1,128}):(?P<idx>-?\d{1,18})$")
 
 
@@ -1146,20 +1319,30 @@ def sse_response(app_state: "AppState", session: Session, after: int) -> EventSo
     if after + 1 < session.log.oldest_kept:
         raise APIError(410, f"Events after {after} are no longer kept.", param="Last-Event-ID", code="events_expired")
     settings = app_state.settings
+    server_exit = anyio.Event()  # set by sse-starlette when uvicorn starts shutting down
 
     async def events():
         session.attach()
+        watcher = asyncio.ensure_future(stop_on_exit(server_exit, app_state))
         try:
             async for event in session.log.follow(after):
                 yield {"id": f"{session.id}:{event.index}", "data": event.data}
         except GoneError:  # this reader fell a whole buffer behind; a reconnect gets 410
             logger.warning("session %s reader fell behind the ring buffer", session.id)
         finally:
+            watcher.cancel()
             session.detach(settings.cancel_after_disconnect_seconds)
 
     return EventSourceResponse(events(), ping=settings.sse_ping_seconds, send_timeout=settings.sse_send_timeout_seconds,
+                               shutdown_event=server_exit, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
                                headers={"X-Session-Id": session.id, "Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})
+
+
+async def stop_on_exit(server_exit: anyio.Event, state: "AppState") -> None:
+    """On shutdown, end generations so open streams get their final event and [DONE]."""
+    await server_exit.wait()
+    await stop_generations(state)
 
 
 async def assemble_completion(session: Session, model: str) -> dict:
@@ -1169,12 +1352,13 @@ async def assemble_completion(session: Session, model: str) -> dict:
     except GoneError:
         raise APIError(410, "This session's events are no longer kept.", code="events_expired") from None
     text = {"content": [], "reasoning_content": []}
-    chunk_id, created, error = f"chatcmpl-{session.id}", session.created, None
+    chunk_id, created, error, truncated = f"chatcmpl-{session.id}", session.created, None, 0
     for event in events:
         if event.data == "[DONE]":
             continue
         chunk = json.loads(event.data)
         error = chunk.get("error", error)
+        truncated = chunk.get("truncated_messages", truncated)
         chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
         for choice in chunk.get("choices", []):
             for name, parts in text.items():
@@ -1187,6 +1371,8 @@ async def assemble_completion(session: Session, model: str) -> dict:
             "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                       "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
             "session_id": session.id, "status": outcome.status}
+    if truncated:
+        body["truncated_messages"] = truncated
     if error:
         body["error"] = error
     return body
@@ -1201,6 +1387,7 @@ class AppState:
     sessions: SessionRegistry
     worker: Worker
     writer: SQLiteWriter | None
+    shutting_down: bool = False
 
 
 def state_of(request: Request) -> AppState:
@@ -1209,25 +1396,46 @@ def state_of(request: Request) -> AppState:
 
 async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
     """Decode media, apply the chat template and tokenize; all blocking work off the loop."""
-    messages, images, videos, metas = await load_media(req, state.settings)
-    processor = state.models.processor
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    kwargs = {"video_metadata": metas, "do_sample_frames": False} if videos else {}
-    inputs = await asyncio.to_thread(processor, text=[prompt], images=images or None, videos=videos or None,
-                                     return_tensors="pt", **kwargs)
+    messages = await load_media(req, state.settings)
+    prompt, inputs, dropped = await fit_prompt(state, messages)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.model.config.text_config.vocab_size)
     stream = CompletionStream(session, state.settings.model_name,
-                              bool(req.stream_options and req.stream_options.include_usage), prompt_tokens)
+                              bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
     return Job(inputs, params, stream, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN))
+
+
+def tokenize(processor, messages: list[PromptMessage]):
+    """(prompt text, processor inputs) for the messages and their media, in order."""
+    prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                           tokenize=False, add_generation_prompt=True)
+    images = [image for m in messages for image in m.images]
+    videos = [video for m in messages for video in m.videos]
+    kwargs = {"video_metadata": [v for m in messages for v in m.video_metadata], "do_sample_frames": False} \
+        if videos else {}
+    return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
+                             **kwargs)
+
+
+async def fit_prompt(state: AppState, messages: list[PromptMessage]):
+    """Tokenize; over the context, 400 or (CONTEXT_OVERFLOW=truncate) drop the oldest non-system turns."""
+    context, dropped = state.models.context_length, 0
+    while True:
+        prompt, inputs = await asyncio.to_thread(tokenize, state.models.processor, messages)
+        tokens = int(inputs["input_ids"].shape[1])
+        if tokens < context:
+            return prompt, inputs, dropped
+        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+        if state.settings.context_overflow != "truncate" or not droppable:
+            raise invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
+                          "context_length_exceeded")
+        del messages[droppable[0]]
+        dropped += 1
 
 
 def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int, context: int,
                     vocab_size: int) -> SamplingParams:
-    if prompt_tokens >= context:
-        raise invalid(f"The prompt is {prompt_tokens} tokens; the model's context is {context}.", "messages",
-                      "context_length_exceeded")
     asked = req.max_completion_tokens or req.max_tokens
     if asked and asked > s.max_tokens:
         raise invalid(f"max_tokens may be at most {s.max_tokens}.", "max_tokens", "invalid_value")
@@ -1272,20 +1480,29 @@ def validate_request(body: dict) -> ChatCompletionRequest:
 async def resume(state: AppState, request: Request, session_id: str | None, point: tuple[str, int]) -> Any:
     sid, after = point
     if session_id and session_id != sid:
-        raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID")
+        raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID",
+                      "invalid_last_event_id")
     session = await state.sessions.get(sid)
     logger.info("session %s resume after %d", sid, after)
     return sse_response(state, session, after)
 
 
 async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
+    """Admit, reserve the id, prepare and submit; every refusal comes before media is decoded."""
+    if state.shutting_down:
+        raise APIError(503, "The server is shutting down.", "server_error", code="shutting_down",
+                       headers={"Retry-After": "10"})
+    check_media_counts(req, state.settings)
     state.worker.admit()
-    await state.models.ensure_loaded()
-    session = state.sessions.create(req.session_id)
+    session = None
     try:
+        await state.models.ensure_loaded()
+        session = state.sessions.create(req.session_id)
         job = await prepare_job(state, req, session)
     except BaseException:
-        state.sessions.discard(session)
+        state.worker.release()
+        if session is not None:
+            state.sessions.discard(session)
         raise
     job.stream.start()
     session.job = job
@@ -1294,6 +1511,20 @@ async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
     logger.info("session %s start (prompt %d tokens, max %d, stream=%s)", session.id,
                 job.stream.prompt_tokens, job.params.max_new_tokens, req.stream)
     return session
+
+
+def request_body_schema() -> dict:
+    """ChatCompletionRequest's JSON schema with $refs inlined (the body is parsed by hand, for resume)."""
+    schema = ChatCompletionRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else \
+                {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(schema)
 
 
 def register_routes(app: FastAPI) -> None:
@@ -1310,7 +1541,7 @@ def register_routes(app: FastAPI) -> None:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}}})
+        "required": True, "content": {"application/json": {"schema": request_body_schema()}}}})
     async def chat_completions(request: Request) -> Any:
         state = state_of(request)
         body = await read_json(request)
@@ -1389,6 +1620,73 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+async def send_error(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An OpenAI error body from pure ASGI middleware."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: 413 for bodies over MAX_REQUEST_BYTES, by Content-Length or counted as they stream.
+
+    The body is buffered here and replayed to the app; later receive() calls pass through,
+    so SSE responses still see the client's disconnect.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay([body], receive), send)
+
+    async def _refuse(self, send) -> None:
+        await send_error(send, 413, error_body(f"The request body is larger than {self.limit} bytes.",
+                                                "invalid_request_error", None, "request_too_large"))
+
+
+def replay(messages: list[dict], receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+    return replayed
+
+
+class APIKeyMiddleware:
+    """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route when API_KEY is set."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+        # compare against every key so timing does not tell which one nearly matched
+        if not sum(hmac.compare_digest(token, key) for key in self.keys):
+            return await send_error(send, 401, error_body("Missing or invalid API key.", "invalid_request_error",
+                                                          None, "invalid_api_key"),
+                                    [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -1424,8 +1722,7 @@ async def lifespan(app: FastAPI):
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
-    state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings.max_queue, loop),
-                     writer)
+    state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, loop), writer)
     app.state.server = state
     if settings.preload_model:
         asyncio.ensure_future(asyncio.to_thread(models.load))
@@ -1442,19 +1739,27 @@ async def sweep_sessions(state: AppState) -> None:
         state.sessions.expire()
 
 
-async def shutdown(state: AppState) -> None:
-    """Cancel running generations with a final event, then flush SQLite."""
+async def stop_generations(state: AppState) -> None:
+    """Stop admitting, then cancel every unfinished generation (each ends with its final event)."""
+    if not state.shutting_down:
+        logger.info("shutdown: refusing new generations")
+    state.shutting_down = True
     running = [s for s in state.sessions.sessions.values() if not s.done.is_set()]
     for session in running:
         session.log.request_cancel()
         if session.job is not None:
             state.worker.cancel_waiting(session.job)
     for session in running:
-        await wait_briefly(session.done, 10.0)
+        await wait_briefly(session.done, SHUTDOWN_GRACE_SECONDS)
+
+
+async def shutdown(state: AppState) -> None:
+    """Generations stopped, worker ended, SQLite flushed: nothing half-written."""
+    await stop_generations(state)
     state.worker.stop()
     if state.writer:
         await asyncio.to_thread(state.writer.close)
-    logger.info("shutdown complete (%d generations stopped)", len(running))
+    logger.info("shutdown complete")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -1464,12 +1769,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     register_error_handlers(app)
     register_routes(app)
-    app.add_middleware(RequestIdMiddleware)
+    add_middleware(app, settings)
     return app
 
 
+def add_middleware(app: FastAPI, settings: Settings) -> None:
+    """Outermost last: CORS answers preflights, then request ids, body limit, API keys."""
+    keys = [k.strip() for k in settings.api_key.split(",") if k.strip()]
+    if keys:
+        app.add_middleware(APIKeyMiddleware, keys=keys)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+    if origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
+                           expose_headers=["X-Session-Id", "X-Request-Id"])
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Lifecycle logs carry the request id; bodies, media, keys and tokens are never logged."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 app = create_app()

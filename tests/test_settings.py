@@ -1,22 +1,19 @@
-"""Settings: one object, documented field by field in .env.example."""
+"""Settings: one object, documented field by field in .env.example and README.md."""
 
-import re
 from pathlib import Path
 
 import main
+from settings_docs import env_example, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_env_example_lists_every_setting_with_its_default_and_description():
-    text = (ROOT / ".env.example").read_text()
-    documented = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, re.M))
-    fields = main.Settings.model_fields
-    assert set(documented) == {name.upper() for name in fields}
-    for name, field in fields.items():
-        default = ("1" if field.default else "0") if isinstance(field.default, bool) else str(field.default)
-        assert documented[name.upper()] == default
-        assert f"# {field.description}\n{name.upper()}=" in text
+    assert (ROOT / ".env.example").read_text() == env_example(), "run python tests/settings_docs.py"
+
+
+def test_readme_settings_table_matches_settings():
+    assert readme_table() in (ROOT / "README.md").read_text(), "run python tests/settings_docs.py"
 
 
 def test_settings_read_dotenv_file_and_environment(tmp_path, monkeypatch):
