@@ -37,6 +37,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import socket
 import sqlite3
 import threading
@@ -53,7 +54,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette.sse import EventSourceResponse
@@ -99,7 +100,10 @@ class Settings(BaseSettings):
     allowed_local_media_path: str = Field("", description="Directory whose files may be named as media; empty refuses paths.")
     api_key: str = Field("", description="Bearer key, or a comma list of keys, required on /v1 routes; empty disables.")
     cors_allow_origins: str = Field("", description="Comma list of origins allowed by CORS; empty disables CORS.")
-    max_queue: int = Field(16, description="Generations that may wait behind the running one; more get 429.")
+    max_batch_size: int = Field(8, description="Generations decoded together (continuous batching); 1 = one at a time.")
+    max_prefill_tokens_per_step: int = Field(
+        2048, description="Prompt tokens prefilled between two decode steps (a longer prompt runs alone).")
+    max_queue: int = Field(16, description="Generations that may wait behind the running ones; more get 429.")
     generation_timeout_seconds: float = Field(600.0, description="Longest one generation may decode; 0 disables.")
     context_overflow: Literal["error", "truncate"] = Field(
         "error", description="Prompt over the context: error (400) or truncate (drop the oldest non-system turns).")
@@ -526,6 +530,7 @@ class ModelManager:
         self.error = ""
         self.model = self.processor = None
         self.streamer_class = self.flag_stop = self.penalties = None
+        self.eos_ids: list[int] = []
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Future | None = None
@@ -562,6 +567,7 @@ class ModelManager:
                 self.processor, self.model = self._from_pretrained()
                 self.streamer_class = build_streamer_class()
                 self.flag_stop, self.penalties = build_generation_hooks()
+                self.eos_ids = eos_token_ids(self.model)
             except Exception as exc:  # any loader failure is reported through /health and 503s
                 self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
                 logger.error("model load failed: %s", self.error)
@@ -939,10 +945,12 @@ class Session:
     id: str
     log: SessionLog
     created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
     listeners: int = 0
     finished_at: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     job: "Job | None" = None
+    cancel_reason: str = ""
     _timer: asyncio.TimerHandle | None = None
 
     def attach(self) -> None:
@@ -964,7 +972,12 @@ class Session:
         self._timer = None
         if self.listeners == 0 and not self.done.is_set():
             logger.info("session %s auto-cancelled: no listener", self.id)
-            self.log.request_cancel()
+            self.cancel("auto")
+
+    def cancel(self, reason: str) -> None:
+        """Ask the generation to stop; the reason is what metrics count it under."""
+        self.cancel_reason = self.cancel_reason or reason
+        self.log.request_cancel()
 
 
 class SessionRegistry:
@@ -1031,6 +1044,67 @@ class SessionRegistry:
             self.writer.submit("DELETE FROM sessions WHERE finished IS NOT NULL AND finished < ?", (cutoff,))
 
 
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps may share a process)."""
+
+    TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qwen_http_requests", "HTTP requests by route template and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens, vision tokens included", registry=r)
+        self.completion_tokens = Counter("qwen_completion_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("qwen_time_to_first_token_seconds", "Session start to first generated text",
+                              buckets=self.TTFT_BUCKETS, registry=r)
+        self.token_latency = Histogram("qwen_time_per_output_token_seconds", "Time between generated tokens",
+                                       buckets=self.TOKEN_BUCKETS, registry=r)
+        self.batch_size = Histogram("qwen_decode_batch_size", "Rows decoded together per step",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.resumes = Counter("qwen_stream_resumes", "Readers that resumed a session", registry=r)
+        self.cancellations = Counter("qwen_cancellations", "Cancelled generations", ["reason"], registry=r)
+        self.model_load_seconds = Gauge("qwen_model_load_seconds", "Duration of the last model load", registry=r)
+        self.model_state = Gauge("qwen_model_state", "1 for the model's current state", ["state"], registry=r)
+        self.queue_depth = Gauge("qwen_queue_depth", "Generations admitted and waiting", registry=r)
+        self.running = Gauge("qwen_running_generations", "Generations decoding now", registry=r)
+        self.sessions = Gauge("qwen_live_sessions", "Sessions held in memory", registry=r)
+        self.listeners = Gauge("qwen_listeners", "Open SSE readers", registry=r)
+
+    def watch(self, state: "AppState") -> None:
+        """Gauges read at scrape time from the objects that own the numbers."""
+        self.queue_depth.set_function(lambda: state.worker.queued)
+        self.running.set_function(lambda: state.worker.running_count)
+        self.sessions.set_function(lambda: len(state.sessions.sessions))
+        self.listeners.set_function(lambda: sum(s.listeners for s in state.sessions.sessions.values()))
+        self.model_load_seconds.set_function(lambda: state.models.load_seconds)
+        for name in ("unloaded", "loading", "ready", "error"):
+            self.model_state.labels(name).set_function(lambda name=name: float(state.models.state == name))
+
+
+class MetricsMiddleware:
+    """Pure ASGI: counts responses by route template (never the raw path: session ids) and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 # ----------------------------------------------------------------------------- generation
 
 @dataclass
@@ -1057,7 +1131,10 @@ class Job:
     reasoning: bool
     claimed: bool = False
     deadline: float = float("inf")
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    last_token_at: float = 0.0
+    pending: list = field(default_factory=list)  # deltas waiting for the event loop
+    flush_scheduled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def timed_out(self) -> bool:
@@ -1065,7 +1142,7 @@ class Job:
 
     def claim(self) -> bool:
         """First of worker (to run it) or canceller (to drop it) wins."""
-        with self._lock:
+        with self.lock:
             if self.claimed:
                 return False
             self.claimed = True
@@ -1079,9 +1156,9 @@ class CompletionStream:
     response is assembled from the same events.
     """
 
-    def __init__(self, session: Session, model: str, include_usage: bool, prompt_tokens: int,
+    def __init__(self, session: Session, metrics: Metrics, model: str, include_usage: bool, prompt_tokens: int,
                  truncated_messages: int = 0):
-        self.session, self.log = session, session.log
+        self.session, self.log, self.metrics = session, session.log, metrics
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
         self.truncated_messages = truncated_messages
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -1093,7 +1170,14 @@ class CompletionStream:
         self._chunk({"role": "assistant", "content": ""}, extra=extra)
 
     def deltas(self, pieces: list[tuple[str, str]]) -> None:
+        """One chunk per run of pieces going to the same field."""
+        merged: list[list[str]] = []
         for name, text in pieces:
+            if merged and merged[-1][0] == name:
+                merged[-1][1] += text
+            else:
+                merged.append([name, text])
+        for name, text in merged:
             self._chunk({name: text})
 
     def finish(self, reason: str, completion_tokens: int) -> None:
@@ -1121,6 +1205,10 @@ class CompletionStream:
     def _close(self, outcome: Outcome) -> None:
         self.log.append("[DONE]")
         self.log.finish(outcome)
+        self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+        self.metrics.completion_tokens.inc(outcome.completion_tokens)
+        if outcome.status == "cancelled":
+            self.metrics.cancellations.labels(self.session.cancel_reason or "unknown").inc()
         self.session.finished_at = time.time()
         self.session.done.set()
         logger.info("session %s %s (%s, %d tokens)", self.session.id, outcome.status,
@@ -1131,21 +1219,45 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def eos_token_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(eos))
+
+
 def build_streamer_class():
     """TextIteratorStreamer that also counts ids and hands text to a callback, not a queue."""
     from transformers import TextIteratorStreamer
 
     class CountingStreamer(TextIteratorStreamer):
-        def __init__(self, tokenizer, on_text):
+        """Each token's text goes out as soon as it decodes: only a partial UTF-8 character waits.
+
+        The parent holds text ending in symbols until the next space, which delays the
+        first token by several steps; keeping one token of context is enough here
+        (byte-level BPE decodes prefix-stably), and it keeps each decode O(1).
+        """
+
+        def __init__(self, tokenizer, on_text, on_token):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.on_text, self.count, self.last_id = on_text, 0, None
+            self.on_text, self.on_token, self.count, self.last_id = on_text, on_token, 0, None
 
         def put(self, value):
-            if not self.next_tokens_are_prompt:
-                ids = value.reshape(-1).tolist()
-                self.count += len(ids)
-                self.last_id = ids[-1] if ids else self.last_id
-            super().put(value)
+            if self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            ids = value.reshape(-1).tolist()
+            self.count += len(ids)
+            self.last_id = ids[-1] if ids else self.last_id
+            self.on_token(self.count)
+            self.token_cache.extend(ids)
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):
+                return
+            printable = text[self.print_len:]
+            self.token_cache = self.token_cache[-1:]
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+            if printable:
+                self.on_text(printable)
 
         def on_finalized_text(self, text: str, stream_end: bool = False):
             self.on_text(text)
@@ -1190,25 +1302,28 @@ def build_generation_hooks():
 
 
 class Worker:
-    """Runs jobs one at a time on a dedicated thread with `model.generate`.
+    """The generation engine: one thread running a continuous-batching decode loop.
 
-    The rest of the server only calls submit() and cancel(); a batched decoder can
-    replace this class without touching session or SSE code.
+    Between decode steps it admits waiting jobs: each is prefilled alone (its images and
+    video only there), its first token sampled, and its KV cache joined to the running
+    batch (left-padded). Every step decodes one token for every row; rows that finish,
+    are cancelled or fail leave at once. The rest of the server only calls admit(),
+    submit(), cancel_waiting() and release(); session and SSE code never see rows.
     """
 
-    SLOTS = 1  # generations decoding at once
-
-    def __init__(self, models: ModelManager, settings: Settings, loop: asyncio.AbstractEventLoop):
-        self.models, self.settings, self.loop = models, settings, loop
+    def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop):
+        self.models, self.settings, self.metrics, self.loop = models, settings, metrics, loop
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.admitted = 0  # from admit() until the job ends or its request fails
-        self.running: Job | None = None
+        self.admitted = 0  # from admit() until the job ends or its request fails; event loop only
+        self.batch = Batch()
         self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self.thread.start()
 
+    # -- called on the event loop
+
     def admit(self) -> None:
         """Take a slot, or 429 before any media is decoded when running + queued are full."""
-        if self.admitted >= self.SLOTS + self.settings.max_queue:
+        if self.admitted >= self.settings.max_batch_size + self.settings.max_queue:
             raise APIError(429, "The server is busy; retry shortly.", "rate_limit_exceeded",
                            code="queue_full", headers={"Retry-After": "2"})
         self.admitted += 1
@@ -1217,8 +1332,12 @@ class Worker:
         self.admitted -= 1
 
     @property
+    def running_count(self) -> int:
+        return len(self.batch.rows)
+
+    @property
     def queued(self) -> int:
-        return self.admitted - (self.running is not None)
+        return max(self.admitted - self.running_count, 0)
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -1234,65 +1353,313 @@ class Worker:
     def stop(self) -> None:
         self.jobs.put(None)
 
+    # -- the decode loop (worker thread)
+
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if not job.claim():
-                continue
-            self.running = job
-            timeout = self.settings.generation_timeout_seconds
-            job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
-            try:
-                self._generate(job)
-            finally:
-                self.running = None
-                self.loop.call_soon_threadsafe(self.release)
-
-    def _generate(self, job: Job) -> None:
-        pipeline = TextPipeline(job.params.stop, job.reasoning)
-        streamer = self.models.streamer_class(self.models.processor.tokenizer,
-                                              lambda text: self._emit(job, pipeline.feed(text)))
-        try:
-            self._call_generate(job, pipeline, streamer)
-        except Exception as exc:  # a failed generation fails its own session, not the server
-            logger.exception("session %s generation failed", job.stream.session.id)
-            self.loop.call_soon_threadsafe(job.stream.fail, f"Generation failed: {type(exc).__name__}.",
-                                           streamer.count)
-            return
-        self._emit(job, pipeline.flush())
-        reason = self._finish_reason(job, pipeline, streamer)
-        self.loop.call_soon_threadsafe(job.stream.finish, reason, streamer.count)
-
-    def _call_generate(self, job: Job, pipeline: TextPipeline, streamer) -> None:
         import torch
 
-        p, model = job.params, self.models.model
-        prompt_len = job.inputs["input_ids"].shape[1]
-        sampling = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k) \
-            if p.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
-        penalties = [self.models.penalties(prompt_len, p)] \
-            if p.presence_penalty or p.frequency_penalty or p.logit_bias else []
         with torch.inference_mode():
-            model.generate(**job.inputs.to(model.device), max_new_tokens=p.max_new_tokens,
-                           min_new_tokens=p.min_tokens or None, streamer=streamer,
-                           stopping_criteria=[self.models.flag_stop(job, pipeline)],
-                           logits_processor=penalties, **sampling)
+            while self._fill_batch():
+                if self.batch.rows:
+                    self._decode_step()
 
-    def _finish_reason(self, job: Job, pipeline: TextPipeline, streamer) -> str:
-        if pipeline.stop.stopped:
+    def _fill_batch(self) -> bool:
+        """Admit waiting jobs, never letting an unexpected error kill the thread; False once stopped."""
+        try:
+            return self._admit_waiting()
+        except Exception as exc:
+            logger.exception("generation worker: admission failed")
+            self._fail_all(exc)
+            return True
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows = list(self.batch.rows)
+        for row in rows:
+            self._fail(row.job, row.streamer.count, exc)
+        self.batch.drop(set(rows))
+
+    def _admit_waiting(self) -> bool:
+        """Admit waiting jobs up to MAX_BATCH_SIZE and the step's prefill budget; False once stopped."""
+        budget = self.settings.max_prefill_tokens_per_step
+        while len(self.batch.rows) < self.settings.max_batch_size and budget > 0:
+            try:
+                job = self.jobs.get(block=not self.batch.rows)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job.claim():
+                budget -= job.stream.prompt_tokens
+                self._start(job)
+        return True
+
+    def _start(self, job: Job) -> None:
+        """Prefill one job alone and join it to the batch; a failure fails this job only."""
+        timeout = self.settings.generation_timeout_seconds
+        job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+        try:
+            row = self._new_row(job)
+            logits, cache, row.position, row.rope_delta = prefill(self.models.model, job.inputs)
+            token = self._pick(row, logits[0])
+        except Exception as exc:  # e.g. media the vision tower rejects: this row fails alone
+            self._fail(job, 0, exc)
+            return
+        try:
+            self.batch.join(row, cache)
+        except Exception as exc:  # a half-joined cache is unusable for every row
+            self._fail(job, 0, exc)
+            self._fail_all(exc)
+            return
+        self._advance([row], [token])
+
+    def _new_row(self, job: Job) -> "Row":
+        import torch
+
+        pipeline = TextPipeline(job.params.stop, job.reasoning)
+        streamer = self.models.streamer_class(self.models.processor.tokenizer,
+                                              lambda text: self._emit(job, pipeline.feed(text)),
+                                              lambda count: self._on_token(job, count))
+        streamer.next_tokens_are_prompt = False
+        seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
+        p = job.params
+        penalties = self.models.penalties(job.inputs["input_ids"].shape[1], p) \
+            if p.presence_penalty or p.frequency_penalty or p.logit_bias else None
+        return Row(job, streamer, pipeline, self.models.flag_stop(job, pipeline), penalties,
+                   torch.Generator().manual_seed(seed),
+                   job.inputs["input_ids"].to(self.models.model.device) if penalties else None)
+
+    def _decode_step(self) -> None:
+        rows = list(self.batch.rows)
+        self.metrics.batch_size.observe(len(rows))
+        try:
+            logits = self.batch.forward(self.models.model)
+            tokens = [self._pick(row, logits[i]) for i, row in enumerate(rows)]
+            self._advance(rows, tokens)
+        except Exception as exc:  # a failed forward leaves no row in a known state
+            logger.exception("generation worker: decode step failed")
+            self._fail_all(exc)
+
+    def _pick(self, row: "Row", scores) -> int:
+        """The request's own logits rules, then its own sampler and random generator."""
+        p = row.job.params
+        if row.generated < p.min_tokens:
+            scores = scores.clone()
+            scores[self.models.eos_ids] = float("-inf")
+        if row.penalties is not None:
+            scores = row.penalties(row.ids, scores[None])[0]
+        return sample_token(scores, p, row.generator)
+
+    def _advance(self, rows: list["Row"], tokens: list[int]) -> None:
+        """Stream each row's new token and retire the rows that are done."""
+        done = set()
+        for row, token in zip(rows, tokens):
+            try:
+                reason = self._accept(row, token)
+            except Exception as exc:  # a bug in one row's text handling fails that row only
+                self._fail(row.job, row.streamer.count, exc)
+                done.add(row)
+                continue
+            if reason:
+                self._finish(row, reason)
+                done.add(row)
+        if done:
+            self.batch.drop(done)
+
+    def _accept(self, row: "Row", token: int) -> str | None:
+        import torch
+
+        row.generated += 1
+        row.last = token
+        token_ids = torch.tensor([[token]])
+        if row.ids is not None:
+            row.ids = torch.cat([row.ids, token_ids.to(row.ids.device)], dim=1)
+        row.streamer.put(token_ids)
+        return self._finish_reason(row, token, bool(row.flag_stop(token_ids, None)[0]))
+
+    def _finish_reason(self, row: "Row", token: int, flagged: bool) -> str | None:
+        if flagged and row.pipeline.stop.stopped:
             return "stop"
-        if job.stream.log.cancel_requested:
+        if flagged and row.job.stream.log.cancel_requested:
             return "cancelled"
-        if job.timed_out:
+        if flagged:
             return "timeout"
-        eos = self.models.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        return "stop" if streamer.last_id in eos else "length"
+        if token in self.models.eos_ids:
+            return "stop"
+        return "length" if row.generated >= row.job.params.max_new_tokens else None
+
+    def _finish(self, row: "Row", reason: str) -> None:
+        row.streamer.end()
+        self._emit(row.job, row.pipeline.flush())
+        self.loop.call_soon_threadsafe(row.job.stream.finish, reason, row.streamer.count)
+        self.loop.call_soon_threadsafe(self.release)
+
+    def _fail(self, job: Job, tokens: int, exc: Exception) -> None:
+        logger.error("session %s generation failed: %s", job.stream.session.id, type(exc).__name__, exc_info=exc)
+        self.loop.call_soon_threadsafe(job.stream.fail, f"Generation failed: {type(exc).__name__}.", tokens)
+        self.loop.call_soon_threadsafe(self.release)
+
+    def _on_token(self, job: Job, count: int) -> None:
+        now = time.monotonic()
+        if count == 1:
+            self.metrics.ttft.observe(now - job.stream.session.started)
+        else:
+            self.metrics.token_latency.observe(now - job.last_token_at)
+        job.last_token_at = now
 
     def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
-        if pieces:
-            self.loop.call_soon_threadsafe(job.stream.deltas, pieces)
+        """Queue deltas for the loop; pieces that pile up while it is busy go out as one event."""
+        if not pieces:
+            return
+        with job.lock:
+            job.pending.extend(pieces)
+            if job.flush_scheduled:
+                return
+            job.flush_scheduled = True
+        self.loop.call_soon_threadsafe(self._flush, job)
+
+    @staticmethod
+    def _flush(job: Job) -> None:
+        with job.lock:
+            pieces, job.pending, job.flush_scheduled = job.pending, [], False
+        job.stream.deltas(pieces)
+
+
+@dataclass(eq=False)
+class Row:
+    """One request inside the running batch."""
+
+    job: Job
+    streamer: Any
+    pipeline: TextPipeline
+    flag_stop: Any
+    penalties: Any
+    generator: Any
+    ids: Any  # prompt + generated ids, kept only when penalties need them
+    position: int = 0  # real tokens in the cache = text position of the next fed token
+    rope_delta: int = 0  # M-RoPE offset of this row's t/h/w positions (from its vision tokens)
+    last: int = -1
+    generated: int = 0
+
+
+class Batch:
+    """Rows decoding together over one KV cache, left-padded to a common length.
+
+    The attention mask marks each row's padding; position ids are given per row (four
+    rows for M-RoPE: text position, then t/h/w = text position + the row's rope delta),
+    so a row decodes exactly as it would alone.
+    """
+
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.cache = self.mask = None
+
+    def join(self, row: Row, cache) -> None:
+        import torch
+
+        mask = torch.ones(1, row.position, dtype=torch.long, device=cache.layers[0].keys.device)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], row.position)
+            self.mask = torch.cat([left_pad(self.cache, self.mask, width), left_pad(cache, mask, width)])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+        self.rows.append(row)
+
+    def forward(self, model):
+        """One decode step for every row: (rows, vocab) logits."""
+        import torch
+
+        device = self.mask.device
+        ids = torch.tensor([[row.last] for row in self.rows], device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        text = torch.tensor([row.position for row in self.rows], device=device)
+        spatial = text + torch.tensor([row.rope_delta for row in self.rows], device=device)
+        positions = torch.stack([text, spatial, spatial, spatial]).view(4, len(self.rows), 1)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
+                    use_cache=True, logits_to_keep=1)
+        for row in self.rows:
+            row.position += 1
+        return out.logits[:, -1, :]
+
+    def drop(self, done: set[Row]) -> None:
+        """Remove finished rows at once, and the left padding nobody needs any more."""
+        import torch
+
+        keep = [i for i, row in enumerate(self.rows) if row not in done]
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        if len(keep) < len(self.rows):
+            self.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.mask.device))
+            self.mask = self.mask[keep]
+            self.rows = [self.rows[i] for i in keep]
+        unused = self.mask.shape[1] - max(row.position for row in self.rows)
+        if unused > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+
+def left_pad(cache, mask, width: int):
+    """Pad a cache and its mask on the left (time axis) to `width` columns; returns the mask."""
+    import torch
+
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    for layer in cache.layers:
+        batch, heads, _, dim = layer.keys.shape
+        zeros = layer.keys.new_zeros(batch, heads, missing, dim)
+        layer.keys, layer.values = torch.cat([zeros, layer.keys], dim=2), torch.cat([zeros, layer.values], dim=2)
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def prefill(model, inputs) -> tuple[Any, Any, int, int]:
+    """Run one prompt alone: (last logits, its KV cache, prompt length, M-RoPE delta)."""
+    import torch
+    from transformers import DynamicCache
+
+    inputs = inputs.to(model.device)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    length = ids.shape[1]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    text = torch.arange(length, device=ids.device).view(1, 1, length)
+    if "image_grid_thw" in vision or "video_grid_thw" in vision:
+        spatial, delta = model.model.get_rope_index(
+            ids, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
+            attention_mask=mask, mm_token_type_ids=vision.get("mm_token_type_ids"))
+        delta = int(delta.reshape(-1)[0])
+    else:
+        spatial, delta = text.expand(3, 1, length), 0
+    cache = DynamicCache(config=model.config.text_config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text, spatial]), cache=cache,
+                use_cache=True, logits_to_keep=1, **vision)
+    return out.logits[:, -1, :], cache, length, delta
+
+
+def sample_token(scores, p: SamplingParams, generator) -> int:
+    """Greedy, or temperature, top-k, top-p and one uniform draw from the request's own generator.
+
+    Top-k comes first, so at a 151,936-token vocabulary nothing sorts or draws over the
+    whole of it (a full sort costs ~14 ms a row on CPU); without top-k and top-p only a
+    cumulative sum runs over the vocabulary.
+    """
+    import torch
+
+    if p.temperature == 0:
+        return int(scores.argmax())
+    vocab = scores.shape[-1]
+    k = p.top_k if 0 < p.top_k < vocab else vocab
+    values, indices = scores.topk(k) if k < vocab or p.top_p < 1 else (scores, None)
+    probs = torch.softmax(values.float() / p.temperature, dim=-1)
+    if p.top_p < 1:
+        probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
+    cdf = probs.cumsum(-1)
+    draw = torch.rand((), generator=generator).item() * float(cdf[-1])
+    pick = min(int(torch.searchsorted(cdf, torch.tensor([draw], dtype=cdf.dtype, device=cdf.device))), k - 1)
+    return int(indices[pick]) if indices is not None else pick
 
 
 # ----------------------------------------------------------------------------- SSE
@@ -1387,6 +1754,7 @@ class AppState:
     sessions: SessionRegistry
     worker: Worker
     writer: SQLiteWriter | None
+    metrics: Metrics
     shutting_down: bool = False
 
 
@@ -1401,7 +1769,7 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.model.config.text_config.vocab_size)
-    stream = CompletionStream(session, state.settings.model_name,
+    stream = CompletionStream(session, state.metrics, state.settings.model_name,
                               bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
     return Job(inputs, params, stream, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN))
 
@@ -1484,6 +1852,7 @@ async def resume(state: AppState, request: Request, session_id: str | None, poin
                       "invalid_last_event_id")
     session = await state.sessions.get(sid)
     logger.info("session %s resume after %d", sid, after)
+    state.metrics.resumes.inc()
     return sse_response(state, session, after)
 
 
@@ -1535,6 +1904,12 @@ def register_routes(app: FastAPI) -> None:
         return {"status": state, "model": state_of(request).settings.model_name,
                 "error": models.error or None}
 
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         name = state_of(request).settings.model_name
@@ -1572,7 +1947,7 @@ def register_routes(app: FastAPI) -> None:
         session = await state.sessions.get(session_id)
         if not session.done.is_set():
             logger.info("session %s cancel requested", session_id)
-            session.log.request_cancel()
+            session.cancel("manual")
             if session.job is None or not state.worker.cancel_waiting(session.job):
                 await wait_briefly(session.done, 5.0)
         return {"id": session_id, "object": "session", "status": session.log.outcome.status}
@@ -1722,7 +2097,10 @@ async def lifespan(app: FastAPI):
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
-    state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, loop), writer)
+    metrics: Metrics = app.state.metrics
+    state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),
+                     writer, metrics)
+    metrics.watch(state)
     app.state.server = state
     if settings.preload_model:
         asyncio.ensure_future(asyncio.to_thread(models.load))
@@ -1746,7 +2124,7 @@ async def stop_generations(state: AppState) -> None:
     state.shutting_down = True
     running = [s for s in state.sessions.sessions.values() if not s.done.is_set()]
     for session in running:
-        session.log.request_cancel()
+        session.cancel("shutdown")
         if session.job is not None:
             state.worker.cancel_waiting(session.job)
     for session in running:
@@ -1766,6 +2144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(title="Qwen3-VL OpenAI-compatible server", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = Metrics()
     configure_logging(settings.log_level)
     register_error_handlers(app)
     register_routes(app)
@@ -1774,12 +2153,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def add_middleware(app: FastAPI, settings: Settings) -> None:
-    """Outermost last: CORS answers preflights, then request ids, body limit, API keys."""
+    """Outermost last: CORS answers preflights, then metrics, request ids, body limit, API keys."""
     keys = [k.strip() for k in settings.api_key.split(",") if k.strip()]
     if keys:
         app.add_middleware(APIKeyMiddleware, keys=keys)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
     if origins:
         from starlette.middleware.cors import CORSMiddleware

@@ -152,22 +152,26 @@ def test_concurrent_first_requests_load_the_model_once(tiny_model_dir):
 
 
 def test_failure_during_generation_becomes_error_event_then_done(tiny_model_dir):
-    """A crash inside generate() is a fault the real model does not produce: injected."""
+    """A crash inside a decode step is a fault the real model does not produce: injected."""
     with InProcessServer(tiny_model_dir, preload_model=True) as srv:
         wait_ready(srv.base_url)
         model = srv.state.models.model
-        original = model.generate
+        original, calls = model.forward, []
 
-        def broken_generate(**kwargs):
-            kwargs["max_new_tokens"] = 3
-            original(**kwargs)
-            raise RuntimeError("device fell off the bus")
+        def broken_forward(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("device fell off the bus")
+            return original(*args, **kwargs)
 
-        model.generate = broken_generate
-        _, status, events = stream_events(srv.base_url, {"messages": TEXT, "stream": True, "seed": 1})
+        model.forward = broken_forward
+        _, status, events = stream_events(srv.base_url, {"messages": TEXT, "stream": True, "seed": 1,
+                                                         "max_tokens": 20})
         assert status == 200
         assert events[-1]["data"] == "[DONE]"
         assert '"generation_failed"' in events[-2]["data"]
-        response = post(srv.base_url, {"messages": TEXT})
+        calls.clear()
+        response = post(srv.base_url, {"messages": TEXT, "max_tokens": 20})
         error = assert_error(response, 500, "generation_failed")
         assert "device fell off" not in error["message"]
+        assert post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200

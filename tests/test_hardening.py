@@ -271,7 +271,7 @@ def test_cors_preflight_is_answered_only_for_configured_origins(keyed, base_url)
 # ----------------------------------------------------------------------------- overload and timeouts
 
 def test_streams_beyond_running_plus_queue_get_429_and_admitted_ones_complete(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_queue=1) as srv:
+    with InProcessServer(tiny_model_dir, preload_model=True, max_queue=1, max_batch_size=1) as srv:
         wait_ready(srv.base_url)
         bodies = [long_request(max_tokens=500, session_id=f"load-{i}") for i in range(5)]
         with concurrent.futures.ThreadPoolExecutor(5) as pool:

@@ -7,7 +7,8 @@ import time
 import httpx
 import pytest
 
-from conftest import InProcessServer, chunk_payloads, event_index, long_request, stream_events, wait_ready
+from conftest import (InProcessServer, chunk_payloads, event_index, joined_text, long_request, stream_events,
+                      wait_ready)
 
 TEXT = [{"role": "user", "content": "Tell me something."}]
 
@@ -47,7 +48,10 @@ def test_resume_after_disconnect_replays_exactly_the_missing_events(base_url):
     joined = first + rest
     assert_contiguous(joined, "resume-a")
     assert joined[-1]["data"] == "[DONE]"
-    assert chunk_payloads(joined) == chunk_payloads(reference)
+    # event boundaries depend on timing (deltas that pile up are merged): compare what they say
+    for field in ("reasoning_content", "content"):
+        assert joined_text(joined, field) == joined_text(reference, field)
+    assert chunk_payloads(joined)[-2:] == chunk_payloads(reference)[-2:]
 
 
 def test_reconnect_while_live_twice_keeps_the_seam_exact(base_url):

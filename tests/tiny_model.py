@@ -94,6 +94,7 @@ def build(out_dir: str | Path) -> Path:
     config.eos_token_id = ids["<|im_end|>"]
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    relabel_as_think_close(model, tokenizer, ids["</think>"])
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
@@ -106,6 +107,29 @@ def build(out_dir: str | Path) -> Path:
     )
     processor.save_pretrained(out)
     return out
+
+
+THINK_PROMPT = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def relabel_as_think_close(model, tokenizer, close_id: int, step: int = 6) -> None:
+    """Make greedy decoding of "Say hello." close the think block mid-answer.
+
+    A random model almost never emits `</think>`. Swapping the embedding and output rows
+    of `</think>` with those of the token greedy decoding emits at `step` only renames
+    that token, so the same computation now writes reasoning, `</think>`, then content.
+    """
+    import torch
+
+    prompt = torch.tensor([tokenizer(THINK_PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=step + 1,
+                             do_sample=False)
+    generated = out[0, prompt.shape[1]:].tolist()
+    target = next(t for t in generated[step:] if t not in generated[:step] and t not in tokenizer.all_special_ids)
+    for weight in (model.model.language_model.embed_tokens.weight, model.lm_head.weight):
+        with torch.no_grad():
+            weight[[target, close_id]] = weight[[close_id, target]]
 
 
 if __name__ == "__main__":
