@@ -1,0 +1,340 @@
+"""One command, one run: the server against raw `generate` (and `transformers serve` when installed).
+
+    python bench/run.py                  # tiny checkpoint built on the fly
+    MODEL_REPO_ID=/path/to/model python bench/run.py --reps 5
+    python bench/run.py --quick          # smoke run (used by the test suite)
+
+Writes bench/results/latest.json and latest.md (a markdown table) and prints the table.
+Every figure is the median of --reps repetitions, shown next to its reference as a ratio.
+Servers run as separate processes on 127.0.0.1, as operators run them; the client runs in
+this process, on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from workload import chat_body  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on a free port: ours (`python main.py`) or `transformers serve`."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, port: int, model_name: str,
+                 unsupported: tuple[str, ...] = ()):
+        self.name, self.cmd, self.env, self.port, self.model_name = name, cmd, env, port, model_name
+        self.unsupported = unsupported  # request fields the server refuses (422); random weights rarely say EOS
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = open(Path(tempfile.gettempdir()) / f"bench-{name}-{port}.log", "wb")
+        self.proc: subprocess.Popen | None = None
+
+    @classmethod
+    def ours(cls, model: str, **env) -> "Server":
+        port = free_port()
+        full_env = {**os.environ, "MODEL_REPO_ID": model, "HOST": "127.0.0.1", "PORT": str(port),
+                    "PRELOAD_MODEL": "1", "LOG_LEVEL": "warning", "MAX_QUEUE": "64", **env}
+        name = "ours-sqlite" if env.get("PERSIST_SESSIONS") == "1" else "ours"
+        return cls(name, [sys.executable, str(ROOT / "main.py")], full_env, port, model)
+
+    @classmethod
+    def transformers_serve(cls, model: str) -> "Server":
+        port = free_port()
+        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu"]
+        return cls("transformers-serve", cmd, dict(os.environ), port, model,
+                   unsupported=("top_k", "min_tokens", "ignore_eos"))
+
+    def __enter__(self) -> "Server":
+        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"{self.name} exited; see {self.log.name}"
+            try:
+                health = httpx.get(self.base_url + "/health", timeout=2)
+                if health.status_code == 200 and health.json().get("status") in ("ready", "ok", "healthy", None):
+                    self._warm_up()
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not become ready")
+
+    def _warm_up(self) -> None:
+        asyncio.run(stream_once(self, chat_body(8)))
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def proc_status(self) -> dict:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"])}
+
+
+# ----------------------------------------------------------------------------- one stream
+
+async def stream_once(server: Server, body: dict, client: httpx.AsyncClient | None = None,
+                      headers: dict | None = None, method: str = "POST", path: str = "/v1/chat/completions",
+                      params: dict | None = None) -> dict:
+    """Send one request and time it: first generated text, first byte, last byte, tokens."""
+    own = client is None
+    client = client or httpx.AsyncClient(timeout=600)
+    body = {**{k: v for k, v in body.items() if k not in server.unsupported}, "model": server.model_name} \
+        if body else None
+    started = time.perf_counter()
+    first_byte = first_text = None
+    tokens = events = text_chunks = 0  # a peer without usage chunks is counted a chunk a token
+    try:
+        async with client.stream(method, server.base_url + path, json=body, headers=headers, params=params) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                first_byte = first_byte or time.perf_counter()
+                if not line.startswith("data:"):
+                    continue
+                events += 1
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+                        first_text = first_text or time.perf_counter()
+                        text_chunks += 1
+    finally:
+        if own:
+            await client.aclose()
+    done = time.perf_counter()
+    return {"ttft": (first_text or done) - started, "first_byte": (first_byte or done) - started,
+            "total": done - started, "tokens": tokens or text_chunks, "events": events}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# ----------------------------------------------------------------------------- the measurements
+
+def p1_throughput(server: Server, reps: int, tokens: int) -> dict:
+    runs = [asyncio.run(stream_once(server, chat_body(tokens, seed=i))) for i in range(reps)]
+    counted = [r["tokens"] or tokens for r in runs]
+    return {"tokens_per_s": median([n / r["total"] for n, r in zip(counted, runs)]), "tokens": median(counted)}
+
+
+def p2_ttft(server: Server, reps: int) -> dict:
+    text = [asyncio.run(stream_once(server, chat_body(1, seed=i)))["ttft"] for i in range(reps * 3)]
+    image = [asyncio.run(stream_once(server, chat_body(1, image=True, seed=i)))["ttft"] for i in range(reps * 3)]
+    return {"text_ms": median(text) * 1000, "image_ms": median(image) * 1000}
+
+
+async def concurrent(server: Server, streams: int, tokens: int, arrivals: list[float] | None = None) -> dict:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        async def one(i: int) -> dict:
+            if arrivals:
+                await asyncio.sleep(arrivals[i])
+            return await stream_once(server, chat_body(tokens, seed=i), client)
+
+        started = time.perf_counter()
+        runs = await asyncio.gather(*(one(i) for i in range(streams)))
+        wall = time.perf_counter() - started
+    ttfts = [r["ttft"] * 1000 for r in runs]
+    total_tokens = sum(r["tokens"] or tokens for r in runs)
+    return {"streams": streams, "aggregate_tokens_per_s": total_tokens / wall,
+            "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95)}
+
+
+def p3_concurrency(server: Server, reps: int, tokens: int) -> dict:
+    out = {}
+    for streams in (1, 4, 8):
+        runs = [asyncio.run(concurrent(server, streams, tokens)) for _ in range(reps)]
+        out[f"c{streams}"] = {k: median([r[k] for r in runs]) for k in runs[0]}
+    rng = random.Random(42)
+    arrivals = sorted(rng.uniform(0, 2.0) for _ in range(8))
+    runs = [asyncio.run(concurrent(server, 8, tokens, arrivals)) for _ in range(reps)]
+    out["random_arrivals_8"] = {k: median([r[k] for r in runs]) for k in runs[0]}
+    return out
+
+
+def p4_resume(server: Server, reps: int, events: int) -> dict:
+    body = chat_body(events, session_id=f"bench-replay-{time.time_ns()}")
+    made = asyncio.run(stream_once(server, body))
+    sid = body["session_id"]
+    replays = [asyncio.run(stream_once(server, None, method="GET", path=f"/v1/chat/completions/{sid}",
+                                       params={"stream": "true"}, headers={"Last-Event-ID": f"{sid}:-1"}))
+               for _ in range(reps * 3)]
+    return {"events": made["events"], "first_byte_ms": median([r["first_byte"] for r in replays]) * 1000,
+            "last_byte_ms": median([r["total"] for r in replays]) * 1000}
+
+
+def p5_memory(server: Server, sessions: int) -> dict:
+    before = server.proc_status()
+
+    async def run_all() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            sem = asyncio.Semaphore(4)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    response = await client.post(server.base_url + "/v1/chat/completions",
+                                                 json={**chat_body(4, stream=False, seed=i), "model": server.model_name})
+                    response.raise_for_status()
+
+            await asyncio.gather(*(one(i) for i in range(sessions)))
+
+    asyncio.run(run_all())
+    after = server.proc_status()
+    return {"sessions": sessions, "rss_before_mb": before["rss_mb"], "rss_after_mb": after["rss_mb"],
+            "threads_before": before["threads"], "threads_after": after["threads"]}
+
+
+# ----------------------------------------------------------------------------- report
+
+def build_model() -> str:
+    from tiny_model import build
+
+    return str(build(Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "tiny"))
+
+
+def transformers_serve_available() -> bool:
+    try:
+        import transformers.cli.serving  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def run(args) -> dict:
+    model = os.environ.get("MODEL_REPO_ID") or build_model()
+    raw = json.loads(subprocess.run([sys.executable, str(BENCH / "raw.py"), model, str(args.reps), str(args.tokens)],
+                                    check=True, capture_output=True, text=True, cwd=BENCH).stdout.splitlines()[-1])
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": model, "reps": args.reps,
+              "raw": raw}
+    with Server.ours(model) as ours:
+        result["ours"] = {"p1": p1_throughput(ours, args.reps, args.tokens), "p2": p2_ttft(ours, args.reps),
+                          "p3": p3_concurrency(ours, args.reps, args.stream_tokens),
+                          "p4": p4_resume(ours, args.reps, args.replay_events), "p5": p5_memory(ours, args.sessions)}
+    with Server.ours(model, PERSIST_SESSIONS="1", SESSIONS_DB_PATH=tempfile.mktemp(suffix=".db")) as sqlite:
+        result["ours_sqlite"] = {"p1": p1_throughput(sqlite, args.reps, args.tokens)}
+    if not args.skip_transformers_serve and transformers_serve_available():
+        with Server.transformers_serve(model) as peer:
+            result["transformers_serve"] = {"p1": p1_throughput(peer, args.reps, args.tokens),
+                                            "p2": p2_ttft(peer, args.reps),
+                                            "p3": p3_concurrency(peer, args.reps, args.stream_tokens)}
+    return result
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def table(r: dict) -> str:
+    raw, ours = r["raw"], r["ours"]
+    peer = r.get("transformers_serve")
+    rows = [
+        ("P1 one stream, tok/s (in memory)", ours["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.95x raw"),
+        ("P1 one stream, tok/s (SQLite)", r["ours_sqlite"]["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.92x raw"),
+        ("P2 TTFT text, ms (ref: raw prefill)", ours["p2"]["text_ms"], raw["prefill_text_ms"], "≤ +10 ms"),
+        ("P2 TTFT 640x480 image, ms (ref: raw prefill)", ours["p2"]["image_ms"], raw["prefill_image_ms"],
+         "≤ +10 ms"),
+    ]
+    lines = [f"Run {r['date']} on {r['machine']}; model {Path(r['model']).name}; median of {r['reps']}.", "",
+             "| Measure | This server | Reference | Ratio / overhead | Target |", "| --- | --- | --- | --- | --- |"]
+    for name, value, ref, target in rows:
+        relation = f"{value - ref:+.1f} ms" if "ms" in name else f"{value / ref:.2f}x"
+        lines.append(f"| {name} | {value:.1f} | {ref:.1f} | {relation} | {target} |")
+    single = ours["p3"]["c1"]["aggregate_tokens_per_s"]
+    for key, label in (("c1", "1 stream"), ("c4", "4 streams"), ("c8", "8 streams"),
+                       ("random_arrivals_8", "8 streams, random arrivals over 2 s")):
+        p3 = ours["p3"][key]
+        lines.append(f"| P3 {label}: aggregate tok/s | {p3['aggregate_tokens_per_s']:.0f} | {single:.0f} (1 stream) | "
+                     f"{p3['aggregate_tokens_per_s'] / single:.2f}x | record |")
+        lines.append(f"| P3 {label}: TTFT p50 / p95, ms | {p3['ttft_p50_ms']:.1f} / {p3['ttft_p95_ms']:.1f} | | | record |")
+    p4, p5 = ours["p4"], ours["p5"]
+    lines.append(f"| P4 replay of a finished {p4['events']}-event session: first / last byte, ms | "
+                 f"{p4['first_byte_ms']:.1f} / {p4['last_byte_ms']:.1f} | | | record |")
+    lines.append(f"| P5 RSS before / after {p5['sessions']} sessions, MB | {p5['rss_before_mb']:.0f} / "
+                 f"{p5['rss_after_mb']:.0f} | | {p5['rss_after_mb'] / p5['rss_before_mb']:.2f}x | record |")
+    lines.append(f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |")
+    if peer:
+        lines += ["", "Side by side with `transformers serve` (same checkpoint, same client):", "",
+                  "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |",
+                  f"| P1 one stream, tok/s | {ours['p1']['tokens_per_s']:.1f} | {peer['p1']['tokens_per_s']:.1f} | "
+                  f"{ours['p1']['tokens_per_s'] / peer['p1']['tokens_per_s']:.2f}x |",
+                  f"| P2 TTFT text, ms | {ours['p2']['text_ms']:.1f} | {peer['p2']['text_ms']:.1f} | "
+                  f"{ours['p2']['text_ms'] / peer['p2']['text_ms']:.2f}x |",
+                  f"| P2 TTFT image, ms | {ours['p2']['image_ms']:.1f} | {peer['p2']['image_ms']:.1f} | "
+                  f"{ours['p2']['image_ms'] / peer['p2']['image_ms']:.2f}x |"]
+        for key in ("c1", "c4", "c8", "random_arrivals_8"):
+            a, b = ours["p3"][key], peer["p3"][key]
+            lines.append(f"| P3 {key}: aggregate tok/s | {a['aggregate_tokens_per_s']:.0f} | "
+                         f"{b['aggregate_tokens_per_s']:.0f} | "
+                         f"{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x |")
+            lines.append(f"| P3 {key}: TTFT p95, ms | {a['ttft_p95_ms']:.1f} | {b['ttft_p95_ms']:.1f} | "
+                         f"{a['ttft_p95_ms'] / b['ttft_p95_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=512, help="P1 stream length")
+    parser.add_argument("--stream-tokens", type=int, default=256, help="P3 stream length")
+    parser.add_argument("--replay-events", type=int, default=2000, help="P4 session length")
+    parser.add_argument("--sessions", type=int, default=1000, help="P5 session count")
+    parser.add_argument("--skip-transformers-serve", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: few reps, short streams")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.reps, args.tokens, args.stream_tokens, args.replay_events, args.sessions = 1, 32, 16, 50, 20
+        args.skip_transformers_serve = True
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
+    (args.out / "latest.md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
