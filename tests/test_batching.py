@@ -29,6 +29,8 @@ MIXED = [
          {"type": "image_url", "image_url": {"url": png_data_uri(size=(96, 64))}},
          {"type": "text", "text": "What is in the image?"}]}]},
     request(5, temperature=0, ignore_eos=True, max_tokens=40),
+    request(6, seed=15, temperature=1.0, top_p=1.0, top_k=0),  # samples in one group with request 1
+    request(7, seed=16, temperature=0.7, top_p=0.9, top_k=20, stop=["e", "a"]),
 ]
 
 
