@@ -1684,11 +1684,13 @@ class Batch:
         text = torch.tensor([row.position for row in self.rows], device=device)
         spatial = text + torch.tensor([row.rope_delta for row in self.rows], device=device)
         positions = torch.stack([text, spatial, spatial, spatial]).view(4, len(self.rows), 1)
-        out = model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
-                    use_cache=True, logits_to_keep=1)
+        # decode steps carry no vision input: the text model and lm_head directly skip the
+        # multimodal wrapper's per-call checks (~5-8% of a tiny model's step)
+        hidden = model.model.language_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                                            cache=self.cache, use_cache=True).last_hidden_state
         for row in self.rows:
             row.position += 1
-        return out.logits[:, -1, :]
+        return model.lm_head(hidden[:, -1, :])
 
     def drop(self, done: set[Row]) -> None:
         """Remove finished rows at once, and the left padding nobody needs any more."""

@@ -155,8 +155,8 @@ def test_failure_during_generation_becomes_error_event_then_done(tiny_model_dir)
     """A crash inside a decode step is a fault the real model does not produce: injected."""
     with InProcessServer(tiny_model_dir, preload_model=True) as srv:
         wait_ready(srv.base_url)
-        model = srv.state.models.model
-        original, calls = model.forward, []
+        text_model = srv.state.models.model.model.language_model  # what every decode step runs
+        original, calls = text_model.forward, []
 
         def broken_forward(*args, **kwargs):
             calls.append(1)
@@ -164,7 +164,7 @@ def test_failure_during_generation_becomes_error_event_then_done(tiny_model_dir)
                 raise RuntimeError("device fell off the bus")
             return original(*args, **kwargs)
 
-        model.forward = broken_forward
+        text_model.forward = broken_forward
         _, status, events = stream_events(srv.base_url, {"messages": TEXT, "stream": True, "seed": 1,
                                                          "max_tokens": 20})
         assert status == 200
