@@ -56,7 +56,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -167,28 +167,25 @@ class TextPart(BaseModel):
 
 
 class MediaURL(BaseModel):
+    """`{"url": ...}`, or the bare URL string some clients send."""
+
     url: str
     detail: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_bare_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
 
 
 class ImagePart(BaseModel):
     type: Literal["image_url"]
     image_url: MediaURL
 
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _accept_bare_string(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
-
 
 class VideoPart(BaseModel):
     type: Literal["video_url"]
     video_url: MediaURL
-
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _accept_bare_string(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
 
 
 ContentPart = TextPart | ImagePart | VideoPart

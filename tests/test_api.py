@@ -215,3 +215,10 @@ def test_non_streaming_equals_drained_stream_for_same_seed(base_url):
     assert joined_text(events, "reasoning_content") == (whole["choices"][0]["message"]["reasoning_content"] or "")
     assert joined_text(events, "content") == whole["choices"][0]["message"]["content"]
     assert json.loads(events[-2]["data"])["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_image_url_may_be_a_bare_string(base_url):
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": png_data_uri()},
+                                                      {"type": "text", "text": "Describe."}]}], "max_tokens": 2}
+    response = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] > 8
