@@ -19,8 +19,11 @@ Invariants of a session log (tested)
   when the process died are closed on restart as `interrupted`.
 - An index older than anything still kept is refused (410), never skipped silently.
 
-Limits: one generation runs at a time (two at once measured 2.7x slower on 2 cores); the
-rest wait in a queue. Cancel stops a generation within one decode step.
+Generation: one thread runs a continuous-batching decode loop (never parallel threads:
+two `generate` calls at once measured 2.7x slower on 2 cores). Up to MAX_BATCH_SIZE
+requests decode together, each with its own sampling, seed, stops and cancel, and gets
+the same tokens it would get alone; MAX_QUEUE more wait, the rest get 429. Cancel stops
+a request within one decode step.
 """
 
 from __future__ import annotations
