@@ -780,11 +780,8 @@ class SessionLog:
 
     @property
     def closed(self) -> bool:
-        """True once [DONE] has been appended."""
-        return bool(self.events) and self.events[-1].data == "[DONE]" or self._closed_without_buffer()
-
-    def _closed_without_buffer(self) -> bool:
-        return False
+        """True once the session has ended ([DONE] is appended in the same step)."""
+        return self.outcome.status != "in_progress"
 
     @property
     def drained(self) -> bool:
@@ -799,13 +796,18 @@ class SessionLog:
         return self.cancel_flag.is_set()
 
     @property
+    def buffer_start(self) -> int:
+        """The oldest index still in the ring buffer."""
+        return self.events[0].index if self.events else self.next_index
+
+    @property
     def oldest_kept(self) -> int:
         """The oldest index a reader can still get."""
-        return self.events[0].index if self.events else self.next_index
+        return self.buffer_start
 
     async def read(self, after: int) -> list[Event]:
         """Visible events with index > after; GoneError if some of them are no longer kept."""
-        first = self.events[0].index if self.events else self.next_index
+        first = self.buffer_start
         if after + 1 < first:
             return await self._read_older(after, first) + self._buffered(first - 1)
         return self._buffered(after)
@@ -938,9 +940,6 @@ class SQLiteSessionLog(SessionLog):
             "WHERE id=?", (time.time(), outcome.status, outcome.finish_reason, outcome.prompt_tokens,
                            outcome.completion_tokens, self.session_id))
 
-    def _closed_without_buffer(self) -> bool:
-        return not self.events and self.outcome.status != "in_progress"
-
     @property
     def oldest_kept(self) -> int:
         return 0
@@ -1030,10 +1029,15 @@ class SessionRegistry:
         self.settings, self.writer = settings, writer
         self.sessions: dict[str, Session] = {}
 
-    def create(self, session_id: str | None) -> Session:
-        """Reserve an id before any slow work, so two requests cannot both claim it."""
+    async def create(self, session_id: str | None) -> Session:
+        """Reserve an id before any slow work, so two requests cannot both claim it.
+
+        The disk lookup comes first (off the loop); the memory check and the insert then
+        run with no await between them, so of two requests for one new id only one wins.
+        """
         session_id = session_id or f"sess-{uuid.uuid4().hex}"
-        if session_id in self.sessions or (self.writer and self._persisted(session_id)):
+        persisted = self.writer is not None and await asyncio.to_thread(self._persisted, session_id)
+        if persisted or session_id in self.sessions:
             raise APIError(409, f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
                            param="session_id", code="session_exists")
         self._make_room()
@@ -1981,7 +1985,7 @@ async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
     session = None
     try:
         await state.models.ensure_loaded()
-        session = state.sessions.create(req.session_id)
+        session = await state.sessions.create(req.session_id)
         job = await prepare_job(state, req, session)
     except BaseException:
         state.worker.release()
