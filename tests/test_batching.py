@@ -41,19 +41,33 @@ def outcome(events: list[dict]) -> tuple:
     return joined_text(events, "reasoning_content"), joined_text(events, "content"), finish, usage
 
 
-def run_staggered(base_url: str, bodies: list[dict], gap: float) -> list[tuple]:
-    results: dict[int, tuple] = {}
+def in_threads(calls: list, while_running=None) -> list:
+    """Run each call in its own thread (optionally doing something meanwhile); their results in order."""
+    results: dict[int, object] = {}
 
     def one(i: int) -> None:
-        time.sleep(i * gap)
-        results[i] = outcome(stream_events(base_url, bodies[i])[2])
+        results[i] = calls[i]()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
     for thread in threads:
         thread.start()
+    if while_running:
+        while_running()
     for thread in threads:
         thread.join(timeout=120)
-    return [results[i] for i in range(len(bodies))]
+    return [results[i] for i in range(len(calls))]
+
+
+def staggered_streams(base_url: str, bodies: list[dict], gap: float) -> list[list[dict]]:
+    """Each body streamed to the end, the i-th starting i * gap seconds after the first."""
+    def call(i: int):
+        return lambda: (time.sleep(i * gap), stream_events(base_url, bodies[i])[2])[1]
+
+    return in_threads([call(i) for i in range(len(bodies))])
+
+
+def run_staggered(base_url: str, bodies: list[dict], gap: float) -> list[tuple]:
+    return [outcome(events) for events in staggered_streams(base_url, bodies, gap)]
 
 
 def batch_sizes(base_url: str) -> tuple[float, float]:
@@ -122,18 +136,14 @@ def test_stops_and_max_tokens_end_only_their_row(batched):
 
 def test_cancelled_row_stops_while_others_continue(batched):
     bodies = [long_request(max_tokens=400, session_id=f"row-{i}") for i in range(3)]
-    results: dict[int, list] = {}
+    statuses = []
 
-    def one(i: int) -> None:
-        results[i] = stream_events(batched.base_url, bodies[i])[2]
+    def cancel_middle_row() -> None:
+        time.sleep(0.3)
+        statuses.append(httpx.post(batched.base_url + "/v1/cancel/row-1").json()["status"])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    assert httpx.post(batched.base_url + "/v1/cancel/row-1").json()["status"] == "cancelled"
-    for thread in threads:
-        thread.join(timeout=60)
+    results = in_threads([lambda b=b: stream_events(batched.base_url, b)[2] for b in bodies], cancel_middle_row)
+    assert statuses == ["cancelled"]
     finishes = [json.loads(results[i][-2]["data"])["choices"][0]["finish_reason"] for i in range(3)]
     assert finishes == ["length", "cancelled", "length"]
     cancelled = httpx.get(batched.base_url + "/v1/chat/completions/row-1").json()
@@ -159,17 +169,7 @@ def test_row_whose_media_fails_late_fails_alone(batched, monkeypatch):
              for b in good]
     bodies = [{**good[0], "stream_options": {"include_usage": True}}, bad,
               {**good[1], "stream_options": {"include_usage": True}}]
-    results: dict[int, list] = {}
-
-    def one(i: int) -> None:
-        time.sleep(i * 0.05)
-        results[i] = stream_events(batched.base_url, bodies[i])[2]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    results = staggered_streams(batched.base_url, bodies, gap=0.05)
     assert json.loads(results[1][-2]["data"])["error"]["code"] == "generation_failed"
     assert [outcome(results[0]), outcome(results[2])] == alone
 
@@ -177,21 +177,12 @@ def test_row_whose_media_fails_late_fails_alone(batched, monkeypatch):
 def test_many_streams_complete_with_correct_usage_and_resume_works(batched):
     bodies = [long_request(max_tokens=50 + i, session_id=f"crowd-{i}", stream_options={"include_usage": True})
               for i in range(10)]
-    results: dict[int, list] = {}
+    def disconnect_and_resume() -> list[dict]:
+        first = stream_events(batched.base_url, bodies[0], limit=3)[2]
+        return first + stream_events(batched.base_url, bodies[0], headers={"Last-Event-ID": first[-1]["id"]})[2]
 
-    def one(i: int) -> None:
-        if i == 0:
-            first = stream_events(batched.base_url, bodies[0], limit=3)[2]
-            rest = stream_events(batched.base_url, bodies[0], headers={"Last-Event-ID": first[-1]["id"]})[2]
-            results[0] = first + rest
-        else:
-            results[i] = stream_events(batched.base_url, bodies[i])[2]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    results = in_threads([disconnect_and_resume] + [lambda b=b: stream_events(batched.base_url, b)[2]
+                                                    for b in bodies[1:]])
     for i in range(10):
         events = results[i]
         assert [e["id"] for e in events] == [f"crowd-{i}:{n}" for n in range(len(events))]
