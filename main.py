@@ -24,6 +24,23 @@ two `generate` calls at once measured 2.7x slower on 2 cores). Up to MAX_BATCH_S
 requests decode together, each with its own sampling, seed, stops and cancel, and gets
 the same tokens it would get alone; MAX_QUEUE more wait, the rest get 429. Cancel stops
 a request within one decode step.
+
+How to read this file: top to bottom, each section uses only what the sections above it
+define (tests/test_structure.py checks it). Decisions cited as (D<n>) are in CLAUDE.md.
+   settings      one Settings object, parsed and bounded once
+   errors        the OpenAI error body; domain errors the engine and stores raise
+   schemas       request bodies (pydantic)
+   media         fetching (SSRF-safe), image and video decoding
+   prompt        chat template, tokenizing, sampling parameters
+   model         loading the model and processor
+   text pipeline stop strings and the reasoning split
+   metrics       Prometheus metrics
+   engine        jobs, detokenizer, stopping, penalties, batch, decode loop, outbox
+   event shapers chat chunks (GenerationSink) and the non-streamed body
+   sessions      session logs (memory ring, SQLite), sessions, the registry
+   http          SSE, request handling, routes, the error table
+   middleware    pure ASGI: request ids, body limit, API keys, metrics
+   app           lifespan, shutdown, create_app, __main__
 """
 
 from __future__ import annotations
@@ -47,81 +64,141 @@ import threading
 import time
 import uuid
 from collections import deque
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import anyio
+import av
 import httpx
-from fastapi import FastAPI, Request
+import numpy as np
+import torch
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers.video_utils import VideoMetadata
 
 logger = logging.getLogger("qwen3vl_server")
 
 
 # ----------------------------------------------------------------------------- settings
 
+def comma_list(value: Any) -> Any:
+    """`a, b,,c` from the environment as ["a", "b", "c"]; lists pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
 class Settings(BaseSettings):
-    """Every knob of the server; read once from the environment and `.env`."""
+    """Every knob of the server; read once from the environment and `.env`, bounds checked."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     host: str = Field("0.0.0.0", description="Interface to listen on.")
-    port: int = Field(3000, description="Port to listen on.")
-    log_level: str = Field("info", description="Python log level.")
+    port: int = Field(3000, ge=0, le=65535, description="Port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Python log level.")
     model_repo_id: str = Field("Qwen/Qwen3-VL-2B-Thinking", description="Hub model id or a local directory.")
     served_model_name: str = Field("", description="Model name reported by the API; empty means MODEL_REPO_ID.")
     hf_token: str = Field("", description="Hugging Face token for gated or private repos.")
     device_map: str = Field("auto", description="Transformers device_map; 'auto' uses the GPU when there is one.")
-    torch_dtype: str = Field("auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
     preload_model: bool = Field(False, description="Load the model at startup instead of on the first request.")
-    model_load_wait_seconds: float = Field(120.0, description="How long a request waits for a loading model before 503.")
-    max_tokens: int = Field(8192, description="Default and upper bound of max_tokens per request.")
-    temperature: float = Field(0.6, description="Default sampling temperature (Qwen's advice for Thinking models).")
-    top_p: float = Field(0.95, description="Default nucleus sampling threshold.")
-    top_k: int = Field(20, description="Default top-k; 0 disables it.")
-    max_video_frames: int = Field(16, description="Frames sampled uniformly from each video, at most.")
-    max_request_bytes: int = Field(20_000_000, description="Largest request body; larger ones get 413 unread.")
-    max_image_bytes: int = Field(10_000_000, description="Largest image, as a data URI or fetched.")
-    max_image_pixels: int = Field(36_000_000, description="Most pixels in an image or video frame (checked before decoding).")
-    max_images_per_request: int = Field(8, description="Most images in one request.")
-    max_video_bytes: int = Field(50_000_000, description="Largest video, as a data URI or fetched.")
-    max_video_seconds: float = Field(600.0, description="Longest video accepted.")
-    max_video_decoded_frames: int = Field(36_000, description="Most frames a video may hold (all are demuxed).")
-    max_videos_per_request: int = Field(2, description="Most videos in one request.")
-    media_fetch_timeout_seconds: float = Field(10.0, description="Connect/read timeout when fetching media URLs.")
+    model_load_wait_seconds: float = Field(
+        120.0, ge=0, description="How long a request waits for a loading model before 503.")
+    max_tokens: int = Field(8192, ge=1, description="Default and upper bound of max_tokens per request.")
+    temperature: float = Field(
+        0.6, ge=0, le=2, description="Default sampling temperature (Qwen's advice for Thinking models).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling threshold.")
+    top_k: int = Field(20, ge=0, description="Default top-k; 0 disables it.")
+    max_video_frames: int = Field(16, ge=1, description="Frames sampled uniformly from each video, at most.")
+    max_request_bytes: int = Field(
+        20_000_000, ge=1024, description="Largest request body; larger ones get 413 unread.")
+    max_image_bytes: int = Field(10_000_000, ge=1, description="Largest image, as a data URI or fetched.")
+    max_image_pixels: int = Field(
+        36_000_000, ge=1, description="Most pixels in an image or video frame (checked before decoding).")
+    max_images_per_request: int = Field(8, ge=0, description="Most images in one request.")
+    max_video_bytes: int = Field(50_000_000, ge=1, description="Largest video, as a data URI or fetched.")
+    max_video_seconds: float = Field(600.0, gt=0, description="Longest video accepted.")
+    max_video_decoded_frames: int = Field(
+        36_000, ge=1, description="Most frames a video may hold (all are demuxed).")
+    max_videos_per_request: int = Field(2, ge=0, description="Most videos in one request.")
+    media_fetch_timeout_seconds: float = Field(
+        10.0, gt=0, description="Connect/read timeout when fetching media URLs.")
     allow_private_media: bool = Field(False, description="Allow media URLs on loopback/private/link-local addresses.")
-    private_media_networks: str = Field("", description="Comma list of CIDRs exempt from the private-address block.")
-    allowed_media_domains: str = Field("", description="Comma list of domains media URLs must be on; empty allows all.")
-    allowed_local_media_path: str = Field("", description="Directory whose files may be named as media; empty refuses paths.")
-    api_key: str = Field("", description="Bearer key, or a comma list of keys, required on /v1 routes; empty disables.")
-    cors_allow_origins: str = Field("", description="Comma list of origins allowed by CORS; empty disables CORS.")
-    max_batch_size: int = Field(8, description="Generations decoded together (continuous batching); 1 = one at a time.")
+    private_media_networks: Annotated[tuple[Any, ...], NoDecode] = Field(
+        (), description="Comma list of CIDRs exempt from the private-address block.")
+    allowed_media_domains: CommaList = Field(
+        [], description="Comma list of domains media URLs must be on; empty allows all.")
+    allowed_local_media_path: str = Field(
+        "", description="Directory whose files may be named as media; empty refuses paths.")
+    api_key: CommaList = Field(
+        [], description="Bearer key, or a comma list of keys, required on /v1 routes; empty disables.")
+    cors_allow_origins: CommaList = Field([], description="Comma list of origins allowed by CORS; empty disables CORS.")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Generations decoded together (continuous batching); 1 = one at a time.")
     max_prefill_tokens_per_step: int = Field(
-        2048, description="Prompt tokens prefilled between two decode steps (a longer prompt runs alone).")
-    max_queue: int = Field(16, description="Generations that may wait behind the running ones; more get 429.")
-    generation_timeout_seconds: float = Field(600.0, description="Longest one generation may decode; 0 disables.")
+        2048, ge=1, description="Prompt tokens prefilled between two decode steps (a longer prompt runs alone).")
+    max_queue: int = Field(16, ge=0, description="Generations that may wait behind the running ones; more get 429.")
+    generation_timeout_seconds: float = Field(
+        600.0, ge=0, description="Longest one generation may decode; 0 disables.")
     context_overflow: Literal["error", "truncate"] = Field(
         "error", description="Prompt over the context: error (400) or truncate (drop the oldest non-system turns).")
-    session_buffer_events: int = Field(0, description="Events kept in memory per session; 0 means MAX_TOKENS + 16.")
-    max_sessions: int = Field(256, description="Sessions kept in memory; the oldest finished ones are dropped first.")
-    sessions_ttl_seconds: float = Field(3600.0, description="Finished sessions are deleted this long after they end.")
+    session_buffer_events: int = Field(
+        0, ge=0, description="Events kept in memory per session; 0 means MAX_TOKENS + 16.")
+    max_sessions: int = Field(
+        256, ge=1, description="Sessions kept in memory; the oldest finished ones are dropped first.")
+    sessions_ttl_seconds: float = Field(
+        3600.0, gt=0, description="Finished sessions are deleted this long after they end.")
     persist_sessions: bool = Field(False, description="Write sessions to SQLite so streams replay after a restart.")
     sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when PERSIST_SESSIONS=1.")
     cancel_after_disconnect_seconds: float = Field(
-        3600.0, description="Cancel a generation nobody has listened to for this long; 0 disables.")
+        3600.0, ge=0, description="Cancel a generation nobody has listened to for this long; 0 disables.")
     stream_interval_ms: float = Field(
-        10.0, description="Least time between two deliveries of new tokens to streams; 0 sends every step.")
-    sse_ping_seconds: float = Field(15.0, description="Interval of SSE keep-alive comments.")
-    sse_send_timeout_seconds: float = Field(30.0, description="A client that accepts no bytes this long is dropped.")
+        10.0, ge=0, description="Least time between two deliveries of new tokens to streams; 0 sends every step.")
+    sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive comments.")
+    sse_send_timeout_seconds: float = Field(
+        30.0, gt=0, description="A client that accepts no bytes this long is dropped.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("allowed_media_domains", "api_key", "cors_allow_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return comma_list(value)
+
+    @field_validator("private_media_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> tuple:
+        try:
+            return tuple(ipaddress.ip_network(str(n), strict=False) for n in comma_list(value))
+        except ValueError as exc:
+            raise ValueError(f"PRIVATE_MEDIA_NETWORKS: {exc}") from None
+
+    @field_validator("allowed_media_domains", mode="after")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [d.lower().lstrip(".") for d in value]
 
     @property
     def model_name(self) -> str:
@@ -137,29 +214,75 @@ class Settings(BaseSettings):
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class APIError(Exception):
-    """An error the client should see, in OpenAI's shape, with an HTTP status."""
+    """Bad input, in OpenAI's shape, with its HTTP status (400, 413...): raised while a
+    request is read and checked. What the engine and stores refuse is a DomainError."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def invalid(message: str, param: str | None, code: str) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def not_found(message: str) -> APIError:
-    return APIError(404, message, code="not_found")
+def too_large(message: str, param: str | None, code: str) -> APIError:
+    return APIError(413, message, param=param, code=code)
+
+
+class DomainError(Exception):
+    """A refusal of the engine, a store or the session layer. The HTTP section's
+    ERROR_TABLE maps each class to its status, type and code; the engine knows no HTTP."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message, self.param, self.retry_after = message, param, retry_after
+
+
+class QueueFull(DomainError):
+    """Running plus waiting generations are at MAX_BATCH_SIZE + MAX_QUEUE."""
+
+
+class TooManySessions(DomainError):
+    """MAX_SESSIONS are held and none of them has finished."""
+
+
+class ModelLoading(DomainError):
+    """The model is still loading after MODEL_LOAD_WAIT_SECONDS."""
+
+
+class ModelLoadFailed(DomainError):
+    """The last load failed; the next try comes after retry_after seconds."""
+
+
+class ShuttingDown(DomainError):
+    """The server is stopping and admits no new generation."""
+
+
+class SessionExists(DomainError):
+    """A request named a session id that is already taken."""
+
+
+class SessionNotFound(DomainError):
+    """No session with that id (never created, expired, or deleted)."""
+
+
+class EventsGone(DomainError):
+    """The asked-for events are no longer kept."""
+
+
+class GenerationFailed(DomainError):
+    """The generation ended with an error (reported to a non-streamed caller)."""
+
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -266,18 +389,24 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
             raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
 
 
-# ----------------------------------------------------------------------------- media loading
+def validate_request(body: dict) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise invalid(f"{param}: {first['msg']}", param, "invalid_value") from None
+
+
+
+# ----------------------------------------------------------------------------- media
 
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URI_HEADER = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base64$")
 MAX_REDIRECTS = 3
 
 
-def too_large(message: str, param: str | None, code: str) -> APIError:
-    return APIError(413, message, param=param, code=code)
-
-
-def check_media_counts(req: "ChatCompletionRequest", settings: Settings) -> None:
+def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
     """Refuse too many media parts before anything is fetched or decoded."""
     parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
     images = sum(isinstance(p, ImagePart) for p in parts)
@@ -375,22 +504,16 @@ async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, st
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), parts.netloc.rsplit("@", 1)[-1]
 
 
-def domain_allowed(host: str, allowed: str) -> bool:
-    domains = [d.strip().lower().lstrip(".") for d in allowed.split(",") if d.strip()]
+def domain_allowed(host: str, domains: list[str]) -> bool:
     host = host.lower().rstrip(".")
     return not domains or any(host == d or host.endswith("." + d) for d in domains)
 
 
 def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
     ip = getattr(ip, "ipv4_mapped", None) or ip
-    if settings.allow_private_media or any(ip in net for net in media_networks(settings.private_media_networks)):
+    if settings.allow_private_media or any(ip in net for net in settings.private_media_networks):
         return True
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback)
-
-
-@lru_cache(maxsize=8)
-def media_networks(spec: str) -> tuple:
-    return tuple(ipaddress.ip_network(n.strip(), strict=False) for n in spec.split(",") if n.strip())
 
 
 async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes:
@@ -408,8 +531,6 @@ async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes
 
 def decode_image(data: bytes, param: str, max_pixels: int):
     """An RGB PIL image; the pixel count is checked from the header, before decoding."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
@@ -425,10 +546,6 @@ def decode_image(data: bytes, param: str, max_pixels: int):
 
 def decode_video(data: bytes, settings: Settings, param: str):
     """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
-    import av
-    import numpy as np
-    from transformers.video_utils import VideoMetadata
-
     try:
         total, fps, width, height = probe_video(data, settings, param)
         wanted = np.linspace(0, total - 1, min(settings.max_video_frames, total)).round().astype(int)
@@ -446,8 +563,6 @@ def decode_video(data: bytes, settings: Settings, param: str):
 
 def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float, int, int]:
     """(frames, fps, width, height) from the container, refusing oversize videos before decoding."""
-    import av
-
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 24)
@@ -465,8 +580,6 @@ def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float
 
 
 def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
-    import av
-
     frames, indices, last = [], [], max(wanted)
     with av.open(io.BytesIO(data)) as container:
         for i, frame in enumerate(container.decode(video=0)):
@@ -501,28 +614,8 @@ class PromptMessage:
         self.fetched = []
 
 
-@lru_cache(maxsize=1)
-def preprocess_pool() -> ThreadPoolExecutor:
-    """Threads for decoding media and running the processor, each limited to one torch thread.
 
-    A thread that runs torch ops gets its own OpenMP team; left at the default size, those
-    teams fight the decode loop's for the same cores (measured: decode steps 2.9 -> 3.8 ms
-    after one image was preprocessed in asyncio's default executor).
-    """
-    def one_torch_thread() -> None:
-        import torch
-
-        torch.set_num_threads(1)
-
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess", initializer=one_torch_thread)
-
-
-async def off_loop(fn: Callable, *args) -> Any:
-    """Run CPU-bound preprocessing in the preprocessing pool."""
-    return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), partial(fn, *args))
-
-
-async def load_media(req: "ChatCompletionRequest", settings: Settings) -> list[PromptMessage]:
+async def load_media(req: ChatCompletionRequest, settings: Settings) -> list[PromptMessage]:
     """Messages with their media fetched (not yet decoded), replaced by template placeholders."""
     out = []
     for i, message in enumerate(req.messages):
@@ -537,7 +630,7 @@ async def load_media(req: "ChatCompletionRequest", settings: Settings) -> list[P
     return out
 
 
-async def load_part(part: "ContentPart", prompt: PromptMessage, settings: Settings, param: str) -> None:
+async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings, param: str) -> None:
     if isinstance(part, TextPart):
         prompt.content.append({"type": "text", "text": part.text})
     elif isinstance(part, ImagePart):
@@ -548,6 +641,102 @@ async def load_part(part: "ContentPart", prompt: PromptMessage, settings: Settin
         data = await fetch_media(part.video_url.url, settings, param, settings.max_video_bytes)
         prompt.fetched.append(("video", data, param))
         prompt.content.append({"type": "video"})
+
+
+
+
+# ----------------------------------------------------------------------------- prompt
+
+@lru_cache(maxsize=1)
+def preprocess_pool() -> ThreadPoolExecutor:
+    """Threads for decoding media and running the processor, each limited to one torch thread.
+
+    A thread that runs torch ops gets its own OpenMP team; left at the default size, those
+    teams fight the decode loop's for the same cores (measured: decode steps 2.9 -> 3.8 ms
+    after one image was preprocessed in asyncio's default executor).
+    """
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess", initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
+async def off_loop(fn: Callable, *args) -> Any:
+    """Run CPU-bound preprocessing in the preprocessing pool."""
+    return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), partial(fn, *args))
+
+
+def tokenize(processor, messages: list[PromptMessage]):
+    """(prompt text, processor inputs) for the messages and their media, in order."""
+    prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                           tokenize=False, add_generation_prompt=True)
+    images = [image for m in messages for image in m.images]
+    videos = [video for m in messages for video in m.videos]
+    kwargs = {}
+    if videos:  # frames were sampled in decode_video, with their original indices in the metadata
+        kwargs = {"video_metadata": [v for m in messages for v in m.video_metadata], "do_sample_frames": False}
+    return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
+                             **kwargs)
+
+
+def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int):
+    """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
+    drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
+    for message in messages:
+        message.decode(settings)
+    dropped = 0
+    while True:
+        prompt, inputs = tokenize(processor, messages)
+        tokens = int(inputs["input_ids"].shape[1])
+        if tokens < context:
+            return prompt, inputs, dropped
+        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+        if settings.context_overflow != "truncate" or not droppable:
+            raise invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
+                          "context_length_exceeded")
+        del messages[droppable[0]]
+        dropped += 1
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    min_tokens: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+
+    @property
+    def sampler_key(self) -> tuple:
+        """Rows with equal keys are sampled together."""
+        return ("greedy",) if self.temperature == 0 else (self.temperature, self.top_p, self.top_k)
+
+
+def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int, context: int,
+                    vocab_size: int) -> SamplingParams:
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked and asked > s.max_tokens:
+        raise invalid(f"max_tokens may be at most {s.max_tokens}.", "max_tokens", "invalid_value")
+    max_new = min(asked or s.max_tokens, context - prompt_tokens)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=s.temperature if req.temperature is None else req.temperature,
+        top_p=s.top_p if req.top_p is None else req.top_p,
+        top_k=s.top_k if req.top_k is None else max(req.top_k, 0),
+        seed=req.seed, stop=req.stop,
+        min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        logit_bias=checked_logit_bias(req.logit_bias, vocab_size))
+
+
+def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
+    if bias and max(bias) >= vocab_size:
+        raise invalid(f"logit_bias names a token id outside the vocabulary ({vocab_size}).", "logit_bias",
+                      "invalid_value")
+    return bias or {}
 
 
 # ----------------------------------------------------------------------------- model
@@ -562,7 +751,6 @@ class ModelManager:
         self.state: Literal["unloaded", "loading", "ready", "error"] = "unloaded"
         self.error = ""
         self.model = self.processor = None
-        self.streamer_class = self.flag_stop = self.penalties = None
         self.eos_ids: list[int] = []
         self.load_seconds = 0.0
         self._lock = threading.Lock()
@@ -583,12 +771,11 @@ class ModelManager:
         if self.state != "ready":
             raise self._unavailable()
 
-    def _unavailable(self) -> APIError:
+    def _unavailable(self) -> DomainError:
         if self.state == "error":
-            return APIError(503, f"The model failed to load: {self.error}", "server_error", code="model_load_failed",
-                            headers={"Retry-After": str(self.RETRY_AFTER_FAILURE_SECONDS)})
-        return APIError(503, "The model is loading; retry shortly.", "server_error", code="model_loading",
-                        headers={"Retry-After": "5"})
+            return ModelLoadFailed(f"The model failed to load: {self.error}",
+                                   retry_after=self.RETRY_AFTER_FAILURE_SECONDS)
+        return ModelLoading("The model is loading; retry shortly.", retry_after=5)
 
     def load(self) -> None:
         with self._lock:
@@ -598,8 +785,6 @@ class ModelManager:
             logger.info("model load start: %s", self.settings.model_repo_id)
             try:
                 self.processor, self.model = self._from_pretrained()
-                self.streamer_class = build_streamer_class()
-                self.flag_stop, self.penalties = build_generation_hooks()
                 self.eos_ids = eos_token_ids(self.model)
             except Exception as exc:  # any loader failure is reported through /health and 503s
                 self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
@@ -611,9 +796,6 @@ class ModelManager:
                         self.model.device, self.model.dtype)
 
     def _from_pretrained(self):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         s = self.settings
         cuda = torch.cuda.is_available()
         dtype = (torch.bfloat16 if cuda else torch.float32) if s.torch_dtype == "auto" else getattr(torch, s.torch_dtype)
@@ -627,6 +809,17 @@ class ModelManager:
     @property
     def context_length(self) -> int:
         return self.model.config.text_config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits, which is larger than the tokenizer's length."""
+        return self.model.config.text_config.vocab_size
+
+
+def eos_token_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(eos))
 
 
 # ----------------------------------------------------------------------------- text pipeline
@@ -722,11 +915,670 @@ class TextPipeline:
         return tail + self.split.flush()
 
 
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps may share a process)."""
+
+    TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qwen_http_requests", "HTTP requests by route template and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens, vision tokens included", registry=r)
+        self.completion_tokens = Counter("qwen_completion_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("qwen_time_to_first_token_seconds", "Session start to first generated text",
+                              buckets=self.TTFT_BUCKETS, registry=r)
+        self.token_latency = Histogram("qwen_time_per_output_token_seconds", "Time between generated tokens",
+                                       buckets=self.TOKEN_BUCKETS, registry=r)
+        self.batch_size = Histogram("qwen_decode_batch_size", "Rows decoded together per step",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.resumes = Counter("qwen_stream_resumes", "Readers that resumed a session", registry=r)
+        self.cancellations = Counter("qwen_cancellations", "Cancelled generations", ["reason"], registry=r)
+        self.model_load_seconds = Gauge("qwen_model_load_seconds", "Duration of the last model load", registry=r)
+        self.model_state = Gauge("qwen_model_state", "1 for the model's current state", ["state"], registry=r)
+        self.queue_depth = Gauge("qwen_queue_depth", "Generations admitted and waiting", registry=r)
+        self.running = Gauge("qwen_running_generations", "Generations decoding now", registry=r)
+        self.sessions = Gauge("qwen_live_sessions", "Sessions held in memory", registry=r)
+        self.listeners = Gauge("qwen_listeners", "Open SSE readers", registry=r)
+
+
+# ----------------------------------------------------------------------------- engine
+
+class GenerationSink(Protocol):
+    """Where a generation's output goes: the one interface between engine and event shapers.
+
+    Called on the event loop (the Outbox delivers), in order: deltas any number of times,
+    then exactly one of finish or fail. A shaper turns these into protocol events.
+    """
+
+    def deltas(self, pieces: list[tuple[str, str]]) -> None:
+        """(field, text) pieces: field is "reasoning_content" or "content"."""
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        """reason: stop, length, cancelled or timeout."""
+
+    def fail(self, message: str, completion_tokens: int) -> None:
+        """The generation broke; message is safe to show."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: prepared inputs in, output to its sink; all the worker needs to know."""
+
+    id: str
+    inputs: Any
+    params: SamplingParams
+    sink: GenerationSink
+    reasoning: bool  # the prompt opened a think block
+    prompt_tokens: int
+    cancel: threading.Event  # set by the session layer (D6): cancel belongs to the job, not the log
+    started: float = field(default_factory=time.monotonic)
+    claimed: bool = False
+    deadline: float = float("inf")
+    last_token_at: float = 0.0
+    text_posted: bool = False  # the worker has posted this job's first text
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def claim(self) -> bool:
+        """First of worker (to run it) or canceller (to drop it) wins."""
+        with self.lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+
+class Detokenizer:
+    """Token ids in, text out as soon as it decodes: only a partial UTF-8 character waits.
+
+    transformers' TextStreamer holds text ending in symbols until the next space, which
+    delays the first token by several steps; keeping one token of context is enough here
+    (byte-level BPE decodes prefix-stably), and it keeps each decode O(1).
+    """
+
+    def __init__(self, tokenizer):
+        rust = getattr(tokenizer, "_tokenizer", None)  # the fast tokenizer's own decode skips Python layers
+        if rust is not None:
+            self.decode = lambda ids: rust.decode(ids, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.cache: list[int] = []
+        self.printed = 0
+        self.count = 0
+
+    def add(self, token: int) -> str:
+        self.count += 1
+        self.cache.append(token)
+        text = self.decode(self.cache)
+        if text.endswith("\ufffd"):
+            return ""
+        printable = text[self.printed:]
+        self.cache = self.cache[-1:]
+        self.printed = len(self.decode(self.cache))
+        return printable
+
+    def flush(self) -> str:
+        text = self.decode(self.cache)[self.printed:] if self.cache else ""
+        self.cache, self.printed = [], 0
+        return text
+
+
+class Stopping:
+    """The one stop decision for a row after each token: the reason it ends, or None.
+
+    Checked after the token's text went through the pipeline, so a stop string that this
+    token completed counts. Cancel and the time cap stop within one decode step.
+    """
+
+    def __init__(self, job: Job, pipeline: TextPipeline, eos_ids: list[int]):
+        self.job, self.pipeline, self.eos_ids = job, pipeline, eos_ids
+
+    def reason(self, token: int, generated: int) -> str | None:
+        if self.pipeline.stop.stopped:
+            return "stop"
+        if self.job.cancel.is_set():
+            return "cancelled"
+        if self.job.timed_out:
+            return "timeout"
+        if token in self.eos_ids:
+            return "stop"
+        return "length" if generated >= self.job.params.max_new_tokens else None
+
+
+class Penalties:
+    """logit_bias, then presence/frequency penalties as OpenAI defines them (generated tokens only)."""
+
+    def __init__(self, prompt_len: int, p: SamplingParams):
+        self.prompt_len, self.presence, self.frequency = prompt_len, p.presence_penalty, p.frequency_penalty
+        self.bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        self.bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """ids: [1, prompt + generated]; scores: [1, vocab]."""
+        if len(self.bias_ids):
+            scores = scores.clone()
+            scores[:, self.bias_ids.to(scores.device)] += self.bias_values.to(scores.device, scores.dtype)
+        generated = ids[:, self.prompt_len:]
+        if generated.shape[1] == 0 or not (self.presence or self.frequency):
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+@dataclass(eq=False)
+class Row:
+    """One request inside the running batch."""
+
+    job: Job
+    detokenizer: Detokenizer
+    pipeline: TextPipeline
+    stopping: Stopping
+    penalties: Penalties | None
+    generator: torch.Generator
+    ids: torch.Tensor | None  # prompt + generated ids, kept only when penalties need them
+    position: int = 0  # real tokens in the cache = text position of the next fed token
+    rope_delta: int = 0  # M-RoPE offset of this row's t/h/w positions (from its vision tokens)
+    last: int = -1
+    generated: int = 0
+
+
+class Batch:
+    """Rows decoding together over one KV cache, left-padded to a common length.
+
+    The attention mask marks each row's padding; position ids are given per row (four
+    rows for M-RoPE: text position, then t/h/w = text position + the row's rope delta),
+    so a row decodes exactly as it would alone.
+    """
+
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.cache = self.mask = None
+
+    def join(self, row: Row, cache) -> None:
+        mask = torch.ones(1, row.position, dtype=torch.long, device=cache.layers[0].keys.device)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], row.position)
+            self.mask = torch.cat([left_pad(self.cache, self.mask, width), left_pad(cache, mask, width)])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+        self.rows.append(row)
+
+    def forward(self, model):
+        """One decode step for every row: (rows, vocab) logits."""
+        device = self.mask.device
+        ids = torch.tensor([[row.last] for row in self.rows], device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        text = torch.tensor([row.position for row in self.rows], device=device)
+        spatial = text + torch.tensor([row.rope_delta for row in self.rows], device=device)
+        positions = torch.stack([text, spatial, spatial, spatial]).view(4, len(self.rows), 1)
+        # decode steps carry no vision input: the text model and lm_head directly skip the
+        # multimodal wrapper's per-call checks (~5-8% of a tiny model's step)
+        hidden = model.model.language_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                                            cache=self.cache, use_cache=True).last_hidden_state
+        for row in self.rows:
+            row.position += 1
+        return model.lm_head(hidden[:, -1, :])
+
+    def drop(self, done: set[Row]) -> None:
+        """Remove finished rows at once, and the left padding nobody needs any more."""
+        keep = [i for i, row in enumerate(self.rows) if row not in done]
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        if len(keep) < len(self.rows):
+            self.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.mask.device))
+            self.mask = self.mask[keep]
+            self.rows = [self.rows[i] for i in keep]
+        unused = self.mask.shape[1] - max(row.position for row in self.rows)
+        if unused > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self.mask = self.mask[:, unused:]
+
+
+def left_pad(cache, mask, width: int):
+    """Pad a cache and its mask on the left (time axis) to `width` columns; returns the mask."""
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    for layer in cache.layers:
+        batch, heads, _, dim = layer.keys.shape
+        zeros = layer.keys.new_zeros(batch, heads, missing, dim)
+        layer.keys, layer.values = torch.cat([zeros, layer.keys], dim=2), torch.cat([zeros, layer.values], dim=2)
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def prefill(model, inputs) -> tuple[Any, Any, int, int]:
+    """Run one prompt alone: (last logits, its KV cache, prompt length, M-RoPE delta)."""
+    inputs = inputs.to(model.device)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    length = ids.shape[1]
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    text = torch.arange(length, device=ids.device).view(1, 1, length)
+    if "image_grid_thw" in vision or "video_grid_thw" in vision:
+        spatial, delta = model.model.get_rope_index(
+            ids, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
+            attention_mask=mask, mm_token_type_ids=vision.get("mm_token_type_ids"))
+        delta = int(delta.reshape(-1)[0])
+    else:
+        spatial, delta = text.expand(3, 1, length), 0
+    cache = DynamicCache(config=model.config.text_config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text, spatial]), cache=cache,
+                use_cache=True, logits_to_keep=1, **vision)
+    return out.logits[:, -1, :], cache, length, delta
+
+
+def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
+    """Rows that share sampling parameters: greedy, or temperature, top-k, top-p and one
+    uniform draw per row from that request's own generator.
+
+    Every operation works row by row, so a row gets the same token whatever else is in
+    its group. Top-k comes first: at a 151,936-token vocabulary nothing sorts or draws
+    over the whole of it (a full sort costs ~14 ms a row on CPU); without top-k and top-p
+    only a cumulative sum runs over the vocabulary.
+    """
+    if p.temperature == 0:
+        return scores.argmax(dim=-1).tolist()
+    vocab = scores.shape[-1]
+    k = p.top_k if 0 < p.top_k < vocab else vocab
+    values, indices = scores.topk(k, dim=-1) if k < vocab or p.top_p < 1 else (scores, None)
+    probs = torch.softmax(values.float() / p.temperature, dim=-1)
+    if p.top_p < 1:
+        probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
+    cdf = probs.cumsum(-1)
+    draws = torch.tensor([torch.rand((), generator=g).item() for g in generators], dtype=cdf.dtype)
+    picks = torch.searchsorted(cdf, (draws.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=k - 1)
+    return (indices.gather(-1, picks) if indices is not None else picks).reshape(-1).tolist()
+
+
+class Outbox:
+    """What the worker tells the event loop, delivered in order, at most once per interval.
+
+    A delivery goes out at once when it carries a job's first text or its end, or when
+    the last one is at least STREAM_INTERVAL_MS old; otherwise when the interval is up.
+    Steps decoded meanwhile join it, and a job's consecutive deltas become one event.
+    Under load the loop gets fewer, larger events instead of one wake-up and one SSE
+    send per token per stream; time to first token is never traded for it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[], None], interval: float):
+        self.loop, self.release, self.interval = loop, release, interval
+        self.items: list[tuple[Job, str, tuple]] = []
+        self.scheduled = self.urgent = False
+        self.last_delivery = 0.0
+        self.lock = threading.Lock()
+
+    def post(self, job: Job, kind: Literal["deltas", "finish", "fail"], *args) -> None:
+        with self.lock:
+            self.items.append((job, kind, args))
+            self.urgent = self.urgent or kind != "deltas" or not job.text_posted
+        job.text_posted = True
+
+    def send(self) -> None:
+        """End of a step (worker thread): schedule a delivery unless one is already due."""
+        with self.lock:
+            if not self.items or self.scheduled:
+                return
+            self.scheduled, urgent, self.urgent = True, self.urgent, False
+        wait = 0.0 if urgent else self.interval - (time.monotonic() - self.last_delivery)
+        if wait > 0:
+            self.loop.call_soon_threadsafe(self.loop.call_later, wait, self._deliver)
+        else:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+            self.last_delivery = time.monotonic()
+        pending: dict[Job, list] = {}
+        for job, kind, args in items:
+            if kind == "deltas":
+                pending.setdefault(job, []).extend(args[0])
+                continue
+            if job in pending:
+                job.sink.deltas(pending.pop(job))
+            if kind == "finish":
+                job.sink.finish(*args)
+            else:
+                job.sink.fail(*args)
+            self.release()  # the job's slot is free again
+        for job, pieces in pending.items():
+            job.sink.deltas(pieces)
+
+
+
+class Worker:
+    """The generation engine: one thread running a continuous-batching decode loop.
+
+    Between decode steps it admits waiting jobs: each is prefilled alone (its images and
+    video only there), its first token sampled, and its KV cache joined to the running
+    batch (left-padded). Every step decodes one token for every row; rows that finish,
+    are cancelled or fail leave at once. The rest of the server only calls admit(),
+    submit(), cancel_waiting() and release(); session and SSE code never see rows.
+    """
+
+    def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop):
+        self.models, self.settings, self.metrics, self.loop = models, settings, metrics, loop
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.admitted = 0  # from admit() until the job ends or its request fails; event loop only
+        self.batch = Batch()
+        self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
+        self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
+        self.thread.start()
+
+    # -- called on the event loop
+
+    def admit(self) -> None:
+        """Take a slot, or 429 before any media is decoded when running + queued are full."""
+        if self.admitted >= self.settings.max_batch_size + self.settings.max_queue:
+            raise QueueFull("The server is busy; retry shortly.", retry_after=2)
+        self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
+
+    @property
+    def running_count(self) -> int:
+        return len(self.batch.rows)
+
+    @property
+    def queued(self) -> int:
+        return max(self.admitted - self.running_count, 0)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def cancel_waiting(self, job: Job) -> bool:
+        """Finish a job that has not started yet; False if the worker already has it."""
+        if not job.claim():
+            return False
+        self.release()
+        job.sink.finish("cancelled", 0)
+        return True
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    # -- the decode loop (worker thread)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._fill_batch():
+                if self.batch.rows:
+                    self._decode_step()
+                self.outbox.send()
+
+    def _fill_batch(self) -> bool:
+        """Admit waiting jobs, never letting an unexpected error kill the thread; False once stopped."""
+        try:
+            return self._admit_waiting()
+        except Exception as exc:
+            logger.exception("generation worker: admission failed")
+            self._fail_all(exc)
+            return True
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows = list(self.batch.rows)
+        for row in rows:
+            self._fail(row.job, row.detokenizer.count, exc)
+        self.batch.drop(set(rows))
+
+    def _admit_waiting(self) -> bool:
+        """Admit waiting jobs up to MAX_BATCH_SIZE and the step's prefill budget; False once stopped."""
+        budget = self.settings.max_prefill_tokens_per_step
+        while len(self.batch.rows) < self.settings.max_batch_size and budget > 0:
+            try:
+                job = self.jobs.get(block=not self.batch.rows)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job.claim():
+                budget -= job.prompt_tokens
+                self._start(job)
+                self.outbox.send()
+        return True
+
+    def _start(self, job: Job) -> None:
+        """Prefill one job alone and join it to the batch; a failure fails this job only."""
+        timeout = self.settings.generation_timeout_seconds
+        job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+        try:
+            row = self._new_row(job)
+            logits, cache, row.position, row.rope_delta = prefill(self.models.model, job.inputs)
+            token = self._pick([row], logits)[0]
+        except Exception as exc:  # e.g. media the vision tower rejects: this row fails alone
+            self._fail(job, 0, exc)
+            return
+        try:
+            self.batch.join(row, cache)
+        except Exception as exc:  # a half-joined cache is unusable for every row
+            self._fail(job, 0, exc)
+            self._fail_all(exc)
+            return
+        self._advance([row], [token])
+
+    def _new_row(self, job: Job) -> Row:
+        p = job.params
+        pipeline = TextPipeline(p.stop, job.reasoning)
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        penalties = ids = None
+        if p.presence_penalty or p.frequency_penalty or p.logit_bias:
+            penalties = Penalties(job.prompt_tokens, p)
+            ids = job.inputs["input_ids"].to(self.models.model.device)
+        return Row(job, Detokenizer(self.models.processor.tokenizer), pipeline,
+                   Stopping(job, pipeline, self.models.eos_ids), penalties, torch.Generator().manual_seed(seed), ids)
+
+    def _decode_step(self) -> None:
+        rows = list(self.batch.rows)
+        self.metrics.batch_size.observe(len(rows))
+        try:
+            logits = self.batch.forward(self.models.model)
+            self._advance(rows, self._pick(rows, logits))
+        except Exception as exc:  # a failed forward leaves no row in a known state
+            logger.exception("generation worker: decode step failed")
+            self._fail_all(exc)
+
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Each row's own logits rules, then sampling in groups of rows that sample alike."""
+        scores = [self._adjust(row, logits[i]) for i, row in enumerate(rows)]
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.job.params.sampler_key, []).append(i)
+        tokens = [0] * len(rows)
+        for members in groups.values():
+            params = rows[members[0]].job.params
+            picked = sample_tokens(torch.stack([scores[i] for i in members]), params,
+                                   [rows[i].generator for i in members])
+            for i, token in zip(members, picked):
+                tokens[i] = token
+        return tokens
+
+    def _adjust(self, row: Row, scores: torch.Tensor) -> torch.Tensor:
+        """EOS masked until min_tokens; logit_bias and OpenAI penalties."""
+        if row.generated < row.job.params.min_tokens:
+            scores = scores.clone()
+            scores[self.models.eos_ids] = float("-inf")
+        if row.penalties is not None:
+            scores = row.penalties(row.ids, scores[None])[0]
+        return scores
+
+    def _advance(self, rows: list[Row], tokens: list[int]) -> None:
+        """Stream each row's new token and retire the rows that are done."""
+        done = set()
+        for row, token in zip(rows, tokens):
+            try:
+                reason = self._accept(row, token)
+            except Exception as exc:  # a bug in one row's text handling fails that row only
+                self._fail(row.job, row.detokenizer.count, exc)
+                done.add(row)
+                continue
+            if reason:
+                self._finish(row, reason)
+                done.add(row)
+        if done:
+            self.batch.drop(done)
+
+    def _accept(self, row: Row, token: int) -> str | None:
+        """Take the row's new token through detokenizer and text pipeline; the reason it ends, if any."""
+        row.generated += 1
+        row.last = token
+        if row.ids is not None:
+            row.ids = torch.cat([row.ids, row.ids.new_tensor([[token]])], dim=1)
+        self._on_token(row.job, row.generated)
+        text = row.detokenizer.add(token)
+        if text:
+            self._emit(row.job, row.pipeline.feed(text))
+        return row.stopping.reason(token, row.generated)
+
+    def _finish(self, row: Row, reason: str) -> None:
+        self._emit(row.job, row.pipeline.feed(row.detokenizer.flush()) + row.pipeline.flush())
+        self.outbox.post(row.job, "finish", reason, row.detokenizer.count)
+
+    def _fail(self, job: Job, tokens: int, exc: Exception) -> None:
+        logger.error("session %s generation failed: %s", job.id, type(exc).__name__, exc_info=exc)
+        self.outbox.post(job, "fail", f"Generation failed: {type(exc).__name__}.", tokens)
+
+    def _on_token(self, job: Job, count: int) -> None:
+        now = time.monotonic()
+        if count == 1:
+            self.metrics.ttft.observe(now - job.started)
+        else:
+            self.metrics.token_latency.observe(now - job.last_token_at)
+        job.last_token_at = now
+
+    def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
+        if pieces:
+            self.outbox.post(job, "deltas", pieces)
+
+
+
+# ----------------------------------------------------------------------------- event shapers
+
+@dataclass
+class Outcome:
+    """How a session ended, as the log keeps it."""
+
+    status: str = "in_progress"  # in_progress, completed, cancelled, failed, interrupted
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EventLog(Protocol):
+    """What a shaper writes to: a session's append-only log (implemented in the sessions section)."""
+
+    def append(self, data: str) -> int:
+        """Add one event; returns its index."""
+
+    def finish(self, outcome: Outcome) -> None:
+        """Record how the session ended ([DONE] was appended just before)."""
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChatChunkShaper:
+    """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
+
+    The one place that shapes chunks, finish reasons and usage; the non-streamed
+    response is assembled from the same events (chat_completion_body).
+    """
+
+    def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], model: str, include_usage: bool,
+                 prompt_tokens: int, truncated_messages: int = 0):
+        self.log, self.on_close = log, on_close
+        self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
+        self.truncated_messages = truncated_messages
+        self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def start(self) -> None:
+        """The role chunk; it also says how many old messages were dropped to fit the context."""
+        extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else {}
+        self._chunk({"role": "assistant", "content": ""}, extra=extra)
+
+    def deltas(self, pieces: list[tuple[str, str]]) -> None:
+        """One chunk per run of pieces going to the same field."""
+        merged: list[list[str]] = []
+        for name, text in pieces:
+            if merged and merged[-1][0] == name:
+                merged[-1][1] += text
+            else:
+                merged.append([name, text])
+        for name, text in merged:
+            self._chunk({name: text})
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        self._chunk({}, reason)
+        if self.include_usage:
+            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(completion_tokens)}))
+        status = "cancelled" if reason == "cancelled" else "completed"
+        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
+
+    def fail(self, message: str, completion_tokens: int) -> None:
+        self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
+        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
+
+    def _envelope(self) -> dict:
+        return {"id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _close(self, outcome: Outcome) -> None:
+        self.log.append("[DONE]")
+        self.log.finish(outcome)
+        self.on_close(outcome)
+
+
+def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str) -> dict:
+    """The chat.completion that a session's chunk events add up to, with the session's status."""
+    text = {"content": [], "reasoning_content": []}
+    chunk_id, error, truncated = f"chatcmpl-{session_id}", None, 0
+    for data in events:
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        error = chunk.get("error", error)
+        truncated = chunk.get("truncated_messages", truncated)
+        chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
+        for choice in chunk.get("choices", []):
+            for name, parts in text.items():
+                parts.append(choice["delta"].get(name) or "")
+    message = {"role": "assistant", "content": "".join(text["content"]),
+               "reasoning_content": "".join(text["reasoning_content"]) or None}
+    body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
+                      "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
+            "session_id": session_id, "status": outcome.status}
+    if truncated:
+        body["truncated_messages"] = truncated
+    if error:
+        body["error"] = error
+    return body
+
+
 # ----------------------------------------------------------------------------- sessions
-
-class GoneError(Exception):
-    """The asked-for events are no longer kept."""
-
 
 @dataclass
 class Event:
@@ -734,20 +1586,11 @@ class Event:
     data: str
 
 
-@dataclass
-class Outcome:
-    status: str = "in_progress"  # in_progress, completed, cancelled, failed, interrupted
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 class SessionLog:
-    """A session's append-only event log, kept in a memory ring buffer.
+    """A session's append-only event log, kept in a memory ring buffer: an EventLog.
 
-    The interface generation and SSE code use: append, read(after), follow(after),
-    finish, request_cancel / cancel_requested. Appends and reads happen on the event
-    loop; the cancel flag is a threading.Event the decode loop polls.
+    A pure log (D6): append, read(after), follow(after), finish. Appends and reads
+    happen on the event loop. Cancel belongs to the session and its job, not here.
     """
 
     def __init__(self, session_id: str, capacity: int, next_index: int = 0, outcome: Outcome | None = None):
@@ -756,7 +1599,6 @@ class SessionLog:
         self.next_index = next_index
         self.visible = next_index - 1
         self.outcome = outcome or Outcome()
-        self.cancel_flag = threading.Event()
         self._changed = asyncio.Event()
 
     def append(self, data: str) -> int:
@@ -788,13 +1630,6 @@ class SessionLog:
         """True once [DONE] is visible to readers."""
         return self.closed and self.visible == self.next_index - 1
 
-    def request_cancel(self) -> None:
-        self.cancel_flag.set()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.cancel_flag.is_set()
-
     @property
     def buffer_start(self) -> int:
         """The oldest index still in the ring buffer."""
@@ -806,7 +1641,7 @@ class SessionLog:
         return self.buffer_start
 
     async def read(self, after: int) -> list[Event]:
-        """Visible events with index > after; GoneError if some of them are no longer kept."""
+        """Visible events with index > after; EventsGone if some of them are no longer kept."""
         first = self.buffer_start
         if after + 1 < first:
             return await self._read_older(after, first) + self._buffered(first - 1)
@@ -823,7 +1658,7 @@ class SessionLog:
         return newer[::-1]
 
     async def _read_older(self, after: int, first: int) -> list[Event]:
-        raise GoneError(f"events after {after} are no longer kept (oldest kept: {first})")
+        raise EventsGone(f"Events after {after} are no longer kept (oldest kept: {first}).")
 
     async def follow(self, after: int) -> AsyncIterator[Event]:
         """Replay events after `after`, then follow live ones until [DONE]."""
@@ -991,8 +1826,9 @@ class Session:
     listeners: int = 0
     finished_at: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    job: "Job | None" = None
+    job: Job | None = None
     cancel_reason: str = ""
+    cancel_event: threading.Event = field(default_factory=threading.Event)  # the job's cancel flag (D6)
     _timer: asyncio.TimerHandle | None = None
 
     def attach(self) -> None:
@@ -1019,7 +1855,14 @@ class Session:
     def cancel(self, reason: str) -> None:
         """Ask the generation to stop; the reason is what metrics count it under."""
         self.cancel_reason = self.cancel_reason or reason
-        self.log.request_cancel()
+        self.cancel_event.set()
+
+    def close(self, outcome: Outcome) -> None:
+        """The generation ended (its [DONE] is in the log)."""
+        self.finished_at = time.time()
+        self.done.set()
+        logger.info("session %s %s (%s, %d tokens)", self.id, outcome.status, outcome.finish_reason,
+                    outcome.completion_tokens)
 
 
 class SessionRegistry:
@@ -1038,8 +1881,8 @@ class SessionRegistry:
         session_id = session_id or f"sess-{uuid.uuid4().hex}"
         persisted = self.writer is not None and await asyncio.to_thread(self._persisted, session_id)
         if persisted or session_id in self.sessions:
-            raise APIError(409, f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
-                           param="session_id", code="session_exists")
+            raise SessionExists(f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
+                                param="session_id")
         self._make_room()
         session = Session(session_id, self._new_log(session_id))
         self.sessions[session_id] = session
@@ -1059,8 +1902,7 @@ class SessionRegistry:
             return
         finished = sorted((s for s in self.sessions.values() if s.done.is_set()), key=lambda s: s.finished_at)
         if not finished:
-            raise APIError(429, "Too many sessions in progress.", "rate_limit_exceeded", code="too_many_sessions",
-                           headers={"Retry-After": "5"})
+            raise TooManySessions("Too many sessions in progress.", retry_after=5)
         for session in finished[: len(self.sessions) - self.settings.max_sessions + 1]:
             del self.sessions[session.id]
 
@@ -1078,7 +1920,7 @@ class SessionRegistry:
                 session = self.sessions.setdefault(session_id, Session(session_id, log, finished_at=time.time()))
                 session.done.set()
         if session is None:
-            raise not_found(f"Session '{session_id}' not found.")
+            raise SessionNotFound(f"Session '{session_id}' not found.")
         return session
 
     def expire(self) -> None:
@@ -1091,696 +1933,28 @@ class SessionRegistry:
             self.writer.submit("DELETE FROM sessions WHERE finished IS NOT NULL AND finished < ?", (cutoff,))
 
 
-# ----------------------------------------------------------------------------- metrics
 
-class Metrics:
-    """Prometheus metrics in a registry of this app's own (several apps may share a process)."""
 
-    TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-    TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("qwen_http_requests", "HTTP requests by route template and status",
-                                ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("qwen_prompt_tokens", "Prompt tokens, vision tokens included", registry=r)
-        self.completion_tokens = Counter("qwen_completion_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("qwen_time_to_first_token_seconds", "Session start to first generated text",
-                              buckets=self.TTFT_BUCKETS, registry=r)
-        self.token_latency = Histogram("qwen_time_per_output_token_seconds", "Time between generated tokens",
-                                       buckets=self.TOKEN_BUCKETS, registry=r)
-        self.batch_size = Histogram("qwen_decode_batch_size", "Rows decoded together per step",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
-        self.resumes = Counter("qwen_stream_resumes", "Readers that resumed a session", registry=r)
-        self.cancellations = Counter("qwen_cancellations", "Cancelled generations", ["reason"], registry=r)
-        self.model_load_seconds = Gauge("qwen_model_load_seconds", "Duration of the last model load", registry=r)
-        self.model_state = Gauge("qwen_model_state", "1 for the model's current state", ["state"], registry=r)
-        self.queue_depth = Gauge("qwen_queue_depth", "Generations admitted and waiting", registry=r)
-        self.running = Gauge("qwen_running_generations", "Generations decoding now", registry=r)
-        self.sessions = Gauge("qwen_live_sessions", "Sessions held in memory", registry=r)
-        self.listeners = Gauge("qwen_listeners", "Open SSE readers", registry=r)
-
-    def watch(self, state: "AppState") -> None:
-        """Gauges read at scrape time from the objects that own the numbers."""
-        self.queue_depth.set_function(lambda: state.worker.queued)
-        self.running.set_function(lambda: state.worker.running_count)
-        self.sessions.set_function(lambda: len(state.sessions.sessions))
-        self.listeners.set_function(lambda: sum(s.listeners for s in state.sessions.sessions.values()))
-        self.model_load_seconds.set_function(lambda: state.models.load_seconds)
-        for name in ("unloaded", "loading", "ready", "error"):
-            self.model_state.labels(name).set_function(lambda name=name: float(state.models.state == name))
-
-
-class MetricsMiddleware:
-    """Pure ASGI: counts responses by route template (never the raw path: session ids) and status."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
-                self.metrics.requests.labels(route, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-# ----------------------------------------------------------------------------- generation
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    min_tokens: int
-    presence_penalty: float
-    frequency_penalty: float
-    logit_bias: dict[int, float]
-
-    @property
-    def sampler_key(self) -> tuple:
-        """Rows with equal keys are sampled together."""
-        return ("greedy",) if self.temperature == 0 else (self.temperature, self.top_p, self.top_k)
-
-
-@dataclass(eq=False)
-class Job:
-    """One generation: prepared inputs in, events out through its CompletionStream."""
-
-    inputs: Any
-    params: SamplingParams
-    stream: "CompletionStream"
-    reasoning: bool
-    claimed: bool = False
-    deadline: float = float("inf")
-    last_token_at: float = 0.0
-    text_posted: bool = False  # the worker has posted this job's first text
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def timed_out(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def claim(self) -> bool:
-        """First of worker (to run it) or canceller (to drop it) wins."""
-        with self.lock:
-            if self.claimed:
-                return False
-            self.claimed = True
-            return True
-
-
-class CompletionStream:
-    """Turns one generation's deltas into chunk events in the session log.
-
-    The one place that shapes chunks, finish reasons and usage; the non-streaming
-    response is assembled from the same events.
-    """
-
-    def __init__(self, session: Session, metrics: Metrics, model: str, include_usage: bool, prompt_tokens: int,
-                 truncated_messages: int = 0):
-        self.session, self.log, self.metrics = session, session.log, metrics
-        self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
-        self.truncated_messages = truncated_messages
-        self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def start(self) -> None:
-        """The role chunk; it also says how many old messages were dropped to fit the context."""
-        extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else {}
-        self._chunk({"role": "assistant", "content": ""}, extra=extra)
-
-    def deltas(self, pieces: list[tuple[str, str]]) -> None:
-        """One chunk per run of pieces going to the same field."""
-        merged: list[list[str]] = []
-        for name, text in pieces:
-            if merged and merged[-1][0] == name:
-                merged[-1][1] += text
-            else:
-                merged.append([name, text])
-        for name, text in merged:
-            self._chunk({name: text})
-
-    def finish(self, reason: str, completion_tokens: int) -> None:
-        self._chunk({}, reason)
-        if self.include_usage:
-            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(completion_tokens)}))
-        status = "cancelled" if reason == "cancelled" else "completed"
-        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
-
-    def fail(self, message: str, completion_tokens: int) -> None:
-        self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
-        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
-
-    def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
-
-    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
-
-    def _envelope(self) -> dict:
-        return {"id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
-
-    def _close(self, outcome: Outcome) -> None:
-        self.log.append("[DONE]")
-        self.log.finish(outcome)
-        self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
-        self.metrics.completion_tokens.inc(outcome.completion_tokens)
-        if outcome.status == "cancelled":
-            self.metrics.cancellations.labels(self.session.cancel_reason or "unknown").inc()
-        self.session.finished_at = time.time()
-        self.session.done.set()
-        logger.info("session %s %s (%s, %d tokens)", self.session.id, outcome.status,
-                    outcome.finish_reason, outcome.completion_tokens)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def eos_token_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return sorted(set(eos))
-
-
-def build_streamer_class():
-    """TextIteratorStreamer that also counts ids and hands text to a callback, not a queue."""
-    from transformers import TextIteratorStreamer
-
-    class CountingStreamer(TextIteratorStreamer):
-        """Each token's text goes out as soon as it decodes: only a partial UTF-8 character waits.
-
-        The parent holds text ending in symbols until the next space, which delays the
-        first token by several steps; keeping one token of context is enough here
-        (byte-level BPE decodes prefix-stably), and it keeps each decode O(1).
-        """
-
-        def __init__(self, tokenizer, on_text, on_token):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.on_text, self.on_token, self.count, self.last_id = on_text, on_token, 0, None
-            rust = getattr(tokenizer, "_tokenizer", None)  # the fast tokenizer's own decode skips Python layers
-            self.decode = (lambda ids: rust.decode(ids, skip_special_tokens=True)) if rust is not None else \
-                (lambda ids: tokenizer.decode(ids, **self.decode_kwargs))
-
-        def put(self, value):
-            if self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            ids = value.reshape(-1).tolist()
-            self.count += len(ids)
-            self.last_id = ids[-1] if ids else self.last_id
-            self.on_token(self.count)
-            self.token_cache.extend(ids)
-            text = self.decode(self.token_cache)
-            if text.endswith("\ufffd"):
-                return
-            printable = text[self.print_len:]
-            self.token_cache = self.token_cache[-1:]
-            self.print_len = len(self.decode(self.token_cache))
-            if printable:
-                self.on_text(printable)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            self.on_text(text)
-
-    return CountingStreamer
-
-
-def build_generation_hooks():
-    """The StoppingCriteria and LogitsProcessor classes, defined once transformers is imported."""
-    import torch
-    from transformers import LogitsProcessor, StoppingCriteria
-
-    class FlagStop(StoppingCriteria):
-        """Stops within one decode step on cancel, a matched stop string, or the time cap."""
-
-        def __init__(self, job: Job, pipeline: TextPipeline):
-            self.job, self.pipeline = job, pipeline
-
-        def __call__(self, input_ids, scores, **kwargs):
-            stop = self.job.stream.log.cancel_requested or self.pipeline.stop.stopped or self.job.timed_out
-            return (STOP if stop else GO).expand(input_ids.shape[0])
-
-    STOP, GO = torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
-
-    class OpenAIPenalties(LogitsProcessor):
-        """logit_bias, then presence/frequency penalties as OpenAI defines them (generated tokens only)."""
-
-        def __init__(self, prompt_len: int, p: SamplingParams):
-            self.prompt_len, self.presence, self.frequency = prompt_len, p.presence_penalty, p.frequency_penalty
-            self.bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
-            self.bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32)
-
-        def __call__(self, input_ids, scores):
-            if len(self.bias_ids):
-                scores = scores.clone()
-                scores[:, self.bias_ids.to(scores.device)] += self.bias_values.to(scores.device, scores.dtype)
-            generated = input_ids[:, self.prompt_len:]
-            if generated.shape[1] == 0 or not (self.presence or self.frequency):
-                return scores
-            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-            return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
-
-    return FlagStop, OpenAIPenalties
-
-
-class Worker:
-    """The generation engine: one thread running a continuous-batching decode loop.
-
-    Between decode steps it admits waiting jobs: each is prefilled alone (its images and
-    video only there), its first token sampled, and its KV cache joined to the running
-    batch (left-padded). Every step decodes one token for every row; rows that finish,
-    are cancelled or fail leave at once. The rest of the server only calls admit(),
-    submit(), cancel_waiting() and release(); session and SSE code never see rows.
-    """
-
-    def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop):
-        self.models, self.settings, self.metrics, self.loop = models, settings, metrics, loop
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.admitted = 0  # from admit() until the job ends or its request fails; event loop only
-        self.batch = Batch()
-        self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
-        self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
-        self.thread.start()
-
-    # -- called on the event loop
-
-    def admit(self) -> None:
-        """Take a slot, or 429 before any media is decoded when running + queued are full."""
-        if self.admitted >= self.settings.max_batch_size + self.settings.max_queue:
-            raise APIError(429, "The server is busy; retry shortly.", "rate_limit_exceeded",
-                           code="queue_full", headers={"Retry-After": "2"})
-        self.admitted += 1
-
-    def release(self) -> None:
-        self.admitted -= 1
-
-    @property
-    def running_count(self) -> int:
-        return len(self.batch.rows)
-
-    @property
-    def queued(self) -> int:
-        return max(self.admitted - self.running_count, 0)
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def cancel_waiting(self, job: Job) -> bool:
-        """Finish a job that has not started yet; False if the worker already has it."""
-        if not job.claim():
-            return False
-        self.release()
-        job.stream.finish("cancelled", 0)
-        return True
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-
-    # -- the decode loop (worker thread)
-
-    def _run(self) -> None:
-        import torch
-
-        with torch.inference_mode():
-            while self._fill_batch():
-                if self.batch.rows:
-                    self._decode_step()
-                self.outbox.send()
-
-    def _fill_batch(self) -> bool:
-        """Admit waiting jobs, never letting an unexpected error kill the thread; False once stopped."""
-        try:
-            return self._admit_waiting()
-        except Exception as exc:
-            logger.exception("generation worker: admission failed")
-            self._fail_all(exc)
-            return True
-
-    def _fail_all(self, exc: Exception) -> None:
-        rows = list(self.batch.rows)
-        for row in rows:
-            self._fail(row.job, row.streamer.count, exc)
-        self.batch.drop(set(rows))
-
-    def _admit_waiting(self) -> bool:
-        """Admit waiting jobs up to MAX_BATCH_SIZE and the step's prefill budget; False once stopped."""
-        budget = self.settings.max_prefill_tokens_per_step
-        while len(self.batch.rows) < self.settings.max_batch_size and budget > 0:
-            try:
-                job = self.jobs.get(block=not self.batch.rows)
-            except queue.Empty:
-                return True
-            if job is None:
-                return False
-            if job.claim():
-                budget -= job.stream.prompt_tokens
-                self._start(job)
-                self.outbox.send()
-        return True
-
-    def _start(self, job: Job) -> None:
-        """Prefill one job alone and join it to the batch; a failure fails this job only."""
-        timeout = self.settings.generation_timeout_seconds
-        job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
-        try:
-            row = self._new_row(job)
-            logits, cache, row.position, row.rope_delta = prefill(self.models.model, job.inputs)
-            token = self._pick([row], logits)[0]
-        except Exception as exc:  # e.g. media the vision tower rejects: this row fails alone
-            self._fail(job, 0, exc)
-            return
-        try:
-            self.batch.join(row, cache)
-        except Exception as exc:  # a half-joined cache is unusable for every row
-            self._fail(job, 0, exc)
-            self._fail_all(exc)
-            return
-        self._advance([row], [token])
-
-    def _new_row(self, job: Job) -> "Row":
-        import torch
-
-        pipeline = TextPipeline(job.params.stop, job.reasoning)
-        streamer = self.models.streamer_class(self.models.processor.tokenizer,
-                                              lambda text: self._emit(job, pipeline.feed(text)),
-                                              lambda count: self._on_token(job, count))
-        streamer.next_tokens_are_prompt = False
-        seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
-        p = job.params
-        penalties = self.models.penalties(job.inputs["input_ids"].shape[1], p) \
-            if p.presence_penalty or p.frequency_penalty or p.logit_bias else None
-        return Row(job, streamer, pipeline, self.models.flag_stop(job, pipeline), penalties,
-                   torch.Generator().manual_seed(seed),
-                   job.inputs["input_ids"].to(self.models.model.device) if penalties else None)
-
-    def _decode_step(self) -> None:
-        rows = list(self.batch.rows)
-        self.metrics.batch_size.observe(len(rows))
-        try:
-            logits = self.batch.forward(self.models.model)
-            self._advance(rows, self._pick(rows, logits))
-        except Exception as exc:  # a failed forward leaves no row in a known state
-            logger.exception("generation worker: decode step failed")
-            self._fail_all(exc)
-
-    def _pick(self, rows: list["Row"], logits) -> list[int]:
-        """Each row's own logits rules, then sampling in groups of rows that sample alike."""
-        import torch
-
-        scores = [self._adjust(row, logits[i]) for i, row in enumerate(rows)]
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.job.params.sampler_key, []).append(i)
-        tokens = [0] * len(rows)
-        for members in groups.values():
-            params = rows[members[0]].job.params
-            picked = sample_tokens(torch.stack([scores[i] for i in members]), params,
-                                   [rows[i].generator for i in members])
-            for i, token in zip(members, picked):
-                tokens[i] = token
-        return tokens
-
-    def _adjust(self, row: "Row", scores):
-        """EOS masked until min_tokens; logit_bias and OpenAI penalties."""
-        if row.generated < row.job.params.min_tokens:
-            scores = scores.clone()
-            scores[self.models.eos_ids] = float("-inf")
-        if row.penalties is not None:
-            scores = row.penalties(row.ids, scores[None])[0]
-        return scores
-
-    def _advance(self, rows: list["Row"], tokens: list[int]) -> None:
-        """Stream each row's new token and retire the rows that are done."""
-        done = set()
-        for row, token in zip(rows, tokens):
-            try:
-                reason = self._accept(row, token)
-            except Exception as exc:  # a bug in one row's text handling fails that row only
-                self._fail(row.job, row.streamer.count, exc)
-                done.add(row)
-                continue
-            if reason:
-                self._finish(row, reason)
-                done.add(row)
-        if done:
-            self.batch.drop(done)
-
-    def _accept(self, row: "Row", token: int) -> str | None:
-        import torch
-
-        row.generated += 1
-        row.last = token
-        token_ids = torch.tensor([[token]])
-        if row.ids is not None:
-            row.ids = torch.cat([row.ids, token_ids.to(row.ids.device)], dim=1)
-        row.streamer.put(token_ids)
-        return self._finish_reason(row, token, bool(row.flag_stop(token_ids, None)[0]))
-
-    def _finish_reason(self, row: "Row", token: int, flagged: bool) -> str | None:
-        if flagged and row.pipeline.stop.stopped:
-            return "stop"
-        if flagged and row.job.stream.log.cancel_requested:
-            return "cancelled"
-        if flagged:
-            return "timeout"
-        if token in self.models.eos_ids:
-            return "stop"
-        return "length" if row.generated >= row.job.params.max_new_tokens else None
-
-    def _finish(self, row: "Row", reason: str) -> None:
-        row.streamer.end()
-        self._emit(row.job, row.pipeline.flush())
-        self.outbox.post(row.job, "finish", reason, row.streamer.count)
-
-    def _fail(self, job: Job, tokens: int, exc: Exception) -> None:
-        logger.error("session %s generation failed: %s", job.stream.session.id, type(exc).__name__, exc_info=exc)
-        self.outbox.post(job, "fail", f"Generation failed: {type(exc).__name__}.", tokens)
-
-    def _on_token(self, job: Job, count: int) -> None:
-        now = time.monotonic()
-        if count == 1:
-            self.metrics.ttft.observe(now - job.stream.session.started)
-        else:
-            self.metrics.token_latency.observe(now - job.last_token_at)
-        job.last_token_at = now
-
-    def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
-        if pieces:
-            self.outbox.post(job, "deltas", pieces)
-
-
-class Outbox:
-    """What the worker tells the event loop, delivered in order, at most once per interval.
-
-    A delivery goes out at once when it carries a job's first text or its end, or when
-    the last one is at least STREAM_INTERVAL_MS old; otherwise when the interval is up.
-    Steps decoded meanwhile join it, and a job's consecutive deltas become one event.
-    Under load the loop gets fewer, larger events instead of one wake-up and one SSE
-    send per token per stream; time to first token is never traded for it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[], None], interval: float):
-        self.loop, self.release, self.interval = loop, release, interval
-        self.items: list[tuple[Job, str, tuple]] = []
-        self.scheduled = self.urgent = False
-        self.last_delivery = 0.0
-        self.lock = threading.Lock()
-
-    def post(self, job: Job, kind: str, *args) -> None:
-        with self.lock:
-            self.items.append((job, kind, args))
-            self.urgent = self.urgent or kind != "deltas" or not job.text_posted
-        job.text_posted = True
-
-    def send(self) -> None:
-        """End of a step (worker thread): schedule a delivery unless one is already due."""
-        with self.lock:
-            if not self.items or self.scheduled:
-                return
-            self.scheduled, urgent, self.urgent = True, self.urgent, False
-        wait = 0.0 if urgent else self.interval - (time.monotonic() - self.last_delivery)
-        if wait > 0:
-            self.loop.call_soon_threadsafe(self.loop.call_later, wait, self._deliver)
-        else:
-            self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-            self.last_delivery = time.monotonic()
-        pending: dict[Job, list] = {}
-        for job, kind, args in items:
-            if kind == "deltas":
-                pending.setdefault(job, []).extend(args[0])
-                continue
-            if job in pending:
-                job.stream.deltas(pending.pop(job))
-            getattr(job.stream, kind)(*args)  # finish or fail: the job's slot is free again
-            self.release()
-        for job, pieces in pending.items():
-            job.stream.deltas(pieces)
-
-
-@dataclass(eq=False)
-class Row:
-    """One request inside the running batch."""
-
-    job: Job
-    streamer: Any
-    pipeline: TextPipeline
-    flag_stop: Any
-    penalties: Any
-    generator: Any
-    ids: Any  # prompt + generated ids, kept only when penalties need them
-    position: int = 0  # real tokens in the cache = text position of the next fed token
-    rope_delta: int = 0  # M-RoPE offset of this row's t/h/w positions (from its vision tokens)
-    last: int = -1
-    generated: int = 0
-
-
-class Batch:
-    """Rows decoding together over one KV cache, left-padded to a common length.
-
-    The attention mask marks each row's padding; position ids are given per row (four
-    rows for M-RoPE: text position, then t/h/w = text position + the row's rope delta),
-    so a row decodes exactly as it would alone.
-    """
-
-    def __init__(self):
-        self.rows: list[Row] = []
-        self.cache = self.mask = None
-
-    def join(self, row: Row, cache) -> None:
-        import torch
-
-        mask = torch.ones(1, row.position, dtype=torch.long, device=cache.layers[0].keys.device)
-        if not self.rows:
-            self.cache, self.mask = cache, mask
-        else:
-            width = max(self.mask.shape[1], row.position)
-            self.mask = torch.cat([left_pad(self.cache, self.mask, width), left_pad(cache, mask, width)])
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
-        self.rows.append(row)
-
-    def forward(self, model):
-        """One decode step for every row: (rows, vocab) logits."""
-        import torch
-
-        device = self.mask.device
-        ids = torch.tensor([[row.last] for row in self.rows], device=device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        text = torch.tensor([row.position for row in self.rows], device=device)
-        spatial = text + torch.tensor([row.rope_delta for row in self.rows], device=device)
-        positions = torch.stack([text, spatial, spatial, spatial]).view(4, len(self.rows), 1)
-        # decode steps carry no vision input: the text model and lm_head directly skip the
-        # multimodal wrapper's per-call checks (~5-8% of a tiny model's step)
-        hidden = model.model.language_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                                            cache=self.cache, use_cache=True).last_hidden_state
-        for row in self.rows:
-            row.position += 1
-        return model.lm_head(hidden[:, -1, :])
-
-    def drop(self, done: set[Row]) -> None:
-        """Remove finished rows at once, and the left padding nobody needs any more."""
-        import torch
-
-        keep = [i for i, row in enumerate(self.rows) if row not in done]
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        if len(keep) < len(self.rows):
-            self.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.mask.device))
-            self.mask = self.mask[keep]
-            self.rows = [self.rows[i] for i in keep]
-        unused = self.mask.shape[1] - max(row.position for row in self.rows)
-        if unused > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-            self.mask = self.mask[:, unused:]
-
-
-def left_pad(cache, mask, width: int):
-    """Pad a cache and its mask on the left (time axis) to `width` columns; returns the mask."""
-    import torch
-
-    missing = width - mask.shape[1]
-    if missing <= 0:
-        return mask
-    for layer in cache.layers:
-        batch, heads, _, dim = layer.keys.shape
-        zeros = layer.keys.new_zeros(batch, heads, missing, dim)
-        layer.keys, layer.values = torch.cat([zeros, layer.keys], dim=2), torch.cat([zeros, layer.values], dim=2)
-    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
-
-
-def prefill(model, inputs) -> tuple[Any, Any, int, int]:
-    """Run one prompt alone: (last logits, its KV cache, prompt length, M-RoPE delta)."""
-    import torch
-    from transformers import DynamicCache
-
-    inputs = inputs.to(model.device)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    length = ids.shape[1]
-    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    text = torch.arange(length, device=ids.device).view(1, 1, length)
-    if "image_grid_thw" in vision or "video_grid_thw" in vision:
-        spatial, delta = model.model.get_rope_index(
-            ids, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
-            attention_mask=mask, mm_token_type_ids=vision.get("mm_token_type_ids"))
-        delta = int(delta.reshape(-1)[0])
-    else:
-        spatial, delta = text.expand(3, 1, length), 0
-    cache = DynamicCache(config=model.config.text_config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text, spatial]), cache=cache,
-                use_cache=True, logits_to_keep=1, **vision)
-    return out.logits[:, -1, :], cache, length, delta
-
-
-def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
-    """Rows that share sampling parameters: greedy, or temperature, top-k, top-p and one
-    uniform draw per row from that request's own generator.
-
-    Every operation works row by row, so a row gets the same token whatever else is in
-    its group. Top-k comes first: at a 151,936-token vocabulary nothing sorts or draws
-    over the whole of it (a full sort costs ~14 ms a row on CPU); without top-k and top-p
-    only a cumulative sum runs over the vocabulary.
-    """
-    import torch
-
-    if p.temperature == 0:
-        return scores.argmax(dim=-1).tolist()
-    vocab = scores.shape[-1]
-    k = p.top_k if 0 < p.top_k < vocab else vocab
-    values, indices = scores.topk(k, dim=-1) if k < vocab or p.top_p < 1 else (scores, None)
-    probs = torch.softmax(values.float() / p.temperature, dim=-1)
-    if p.top_p < 1:
-        probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
-    cdf = probs.cumsum(-1)
-    draws = torch.tensor([torch.rand((), generator=g).item() for g in generators], dtype=cdf.dtype)
-    picks = torch.searchsorted(cdf, (draws.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=k - 1)
-    return (indices.gather(-1, picks) if indices is not None else picks).reshape(-1).tolist()
-
-
-# ----------------------------------------------------------------------------- SSE
+# ----------------------------------------------------------------------------- http
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 LAST_EVENT_ID = re.compile(r"^(?P<sid>[A-Za-z0-9._-]{1,128}):(?P<idx>-?\d{1,18})$")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    models: ModelManager
+    sessions: SessionRegistry
+    worker: Worker
+    writer: SQLiteWriter | None
+    metrics: Metrics
+    server_exit: anyio.Event  # set once when the server starts shutting down (sse-starlette or our signal hook)
+    shutting_down: bool = False
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.server
 
 
 def parse_last_event_id(request: Request) -> tuple[str, int] | None:
@@ -1794,155 +1968,32 @@ def parse_last_event_id(request: Request) -> tuple[str, int] | None:
     return match["sid"], int(match["idx"])
 
 
-def sse_response(app_state: "AppState", session: Session, after: int) -> EventSourceResponse:
-    """A reader of the session's log: replay after `after`, then follow live events."""
+def sse_response(state: AppState, session: Session, after: int) -> EventSourceResponse:
+    """A reader of the session's log: replay after `after`, then follow live events.
+
+    It knows nothing of shutdown: the app's one watcher ends the generations, and with
+    them the streams, when server_exit is set.
+    """
     if after > session.log.visible:
         raise invalid(f"Index {after} is beyond the session's last event.", "Last-Event-ID", "invalid_last_event_id")
     if after + 1 < session.log.oldest_kept:
-        raise APIError(410, f"Events after {after} are no longer kept.", param="Last-Event-ID", code="events_expired")
-    settings = app_state.settings
-    server_exit = anyio.Event()  # set by sse-starlette when uvicorn starts shutting down
+        raise EventsGone(f"Events after {after} are no longer kept.", param="Last-Event-ID")
+    settings = state.settings
 
     async def events():
         session.attach()
-        watcher = asyncio.ensure_future(stop_on_exit(server_exit, app_state))
         try:
             async for event in session.log.follow(after):
                 yield {"id": f"{session.id}:{event.index}", "data": event.data}
-        except GoneError:  # this reader fell a whole buffer behind; a reconnect gets 410
+        except EventsGone:  # this reader fell a whole buffer behind; a reconnect gets 410
             logger.warning("session %s reader fell behind the ring buffer", session.id)
         finally:
-            watcher.cancel()
             session.detach(settings.cancel_after_disconnect_seconds)
 
     return EventSourceResponse(events(), ping=settings.sse_ping_seconds, send_timeout=settings.sse_send_timeout_seconds,
-                               shutdown_event=server_exit, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+                               shutdown_event=state.server_exit, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
                                headers={"X-Session-Id": session.id, "Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})
-
-
-async def stop_on_exit(server_exit: anyio.Event, state: "AppState") -> None:
-    """On shutdown, end generations so open streams get their final event and [DONE]."""
-    await server_exit.wait()
-    await stop_generations(state)
-
-
-async def assemble_completion(session: Session, model: str) -> dict:
-    """The chat.completion a drained stream adds up to, with the session's status."""
-    try:
-        events = await session.log.read(-1)
-    except GoneError:
-        raise APIError(410, "This session's events are no longer kept.", code="events_expired") from None
-    text = {"content": [], "reasoning_content": []}
-    chunk_id, created, error, truncated = f"chatcmpl-{session.id}", session.created, None, 0
-    for event in events:
-        if event.data == "[DONE]":
-            continue
-        chunk = json.loads(event.data)
-        error = chunk.get("error", error)
-        truncated = chunk.get("truncated_messages", truncated)
-        chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
-        for choice in chunk.get("choices", []):
-            for name, parts in text.items():
-                parts.append(choice["delta"].get(name) or "")
-    outcome = session.log.outcome
-    message = {"role": "assistant", "content": "".join(text["content"]),
-               "reasoning_content": "".join(text["reasoning_content"]) or None}
-    body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
-            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                      "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
-            "session_id": session.id, "status": outcome.status}
-    if truncated:
-        body["truncated_messages"] = truncated
-    if error:
-        body["error"] = error
-    return body
-
-
-# ----------------------------------------------------------------------------- routes
-
-@dataclass
-class AppState:
-    settings: Settings
-    models: ModelManager
-    sessions: SessionRegistry
-    worker: Worker
-    writer: SQLiteWriter | None
-    metrics: Metrics
-    shutting_down: bool = False
-
-
-def state_of(request: Request) -> AppState:
-    return request.app.state.server
-
-
-async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
-    """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool."""
-    messages = await load_media(req, state.settings)
-    prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
-                                             state.models.context_length)
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
-                             state.models.model.config.text_config.vocab_size)
-    stream = CompletionStream(session, state.metrics, state.settings.model_name,
-                              bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
-    return Job(inputs, params, stream, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN))
-
-
-def tokenize(processor, messages: list[PromptMessage]):
-    """(prompt text, processor inputs) for the messages and their media, in order."""
-    prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                           tokenize=False, add_generation_prompt=True)
-    images = [image for m in messages for image in m.images]
-    videos = [video for m in messages for video in m.videos]
-    kwargs = {"video_metadata": [v for m in messages for v in m.video_metadata], "do_sample_frames": False} \
-        if videos else {}
-    return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
-                             **kwargs)
-
-
-def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int):
-    """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
-    drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
-    for message in messages:
-        message.decode(settings)
-    dropped = 0
-    while True:
-        prompt, inputs = tokenize(processor, messages)
-        tokens = int(inputs["input_ids"].shape[1])
-        if tokens < context:
-            return prompt, inputs, dropped
-        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
-        if settings.context_overflow != "truncate" or not droppable:
-            raise invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
-                          "context_length_exceeded")
-        del messages[droppable[0]]
-        dropped += 1
-
-
-def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int, context: int,
-                    vocab_size: int) -> SamplingParams:
-    asked = req.max_completion_tokens or req.max_tokens
-    if asked and asked > s.max_tokens:
-        raise invalid(f"max_tokens may be at most {s.max_tokens}.", "max_tokens", "invalid_value")
-    max_new = min(asked or s.max_tokens, context - prompt_tokens)
-    return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=s.temperature if req.temperature is None else req.temperature,
-        top_p=s.top_p if req.top_p is None else req.top_p,
-        top_k=s.top_k if req.top_k is None else max(req.top_k, 0),
-        seed=req.seed, stop=req.stop,
-        min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logit_bias=checked_logit_bias(req.logit_bias, vocab_size))
-
-
-def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
-    if bias and max(bias) >= vocab_size:
-        raise invalid(f"logit_bias names a token id outside the vocabulary ({vocab_size}).", "logit_bias",
-                      "invalid_value")
-    return bias or {}
 
 
 async def read_json(request: Request) -> dict:
@@ -1955,31 +2006,34 @@ async def read_json(request: Request) -> dict:
     return body
 
 
-def validate_request(body: dict) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise invalid(f"{param}: {first['msg']}", param, "invalid_value") from None
+def close_session(state: AppState, session: Session, outcome: Outcome) -> None:
+    """A shaper's on_close: count the session in metrics and mark it done."""
+    state.metrics.prompt_tokens.inc(outcome.prompt_tokens)
+    state.metrics.completion_tokens.inc(outcome.completion_tokens)
+    if outcome.status == "cancelled":
+        state.metrics.cancellations.labels(session.cancel_reason or "unknown").inc()
+    session.close(outcome)
 
 
-async def resume(state: AppState, request: Request, session_id: str | None, point: tuple[str, int]) -> Any:
-    sid, after = point
-    if session_id and session_id != sid:
-        raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID",
-                      "invalid_last_event_id")
-    session = await state.sessions.get(sid)
-    logger.info("session %s resume after %d", sid, after)
-    state.metrics.resumes.inc()
-    return sse_response(state, session, after)
+async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
+    """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool."""
+    messages = await load_media(req, state.settings)
+    prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
+                                             state.models.context_length)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
+                             state.models.vocab_size)
+    shaper = ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
+                             bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
+    shaper.start()
+    return Job(session.id, inputs, params, shaper, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN),
+               prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started)
 
 
 async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
     """Admit, reserve the id, prepare and submit; every refusal comes before media is decoded."""
     if state.shutting_down:
-        raise APIError(503, "The server is shutting down.", "server_error", code="shutting_down",
-                       headers={"Retry-After": "10"})
+        raise ShuttingDown("The server is shutting down.", retry_after=10)
     check_media_counts(req, state.settings)
     state.worker.admit()
     session = None
@@ -1992,84 +2046,32 @@ async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
         if session is not None:
             state.sessions.discard(session)
         raise
-    job.stream.start()
     session.job = job
     state.worker.submit(job)
     session.arm_auto_cancel(state.settings.cancel_after_disconnect_seconds)
     logger.info("session %s start (prompt %d tokens, max %d, stream=%s)", session.id,
-                job.stream.prompt_tokens, job.params.max_new_tokens, req.stream)
+                job.prompt_tokens, job.params.max_new_tokens, req.stream)
     return session
 
 
-def request_body_schema() -> dict:
-    """ChatCompletionRequest's JSON schema with $refs inlined (the body is parsed by hand, for resume)."""
-    schema = ChatCompletionRequest.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else \
-                {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return inline(schema)
+async def resume(state: AppState, session_id: str | None, point: tuple[str, int]) -> EventSourceResponse:
+    sid, after = point
+    if session_id and session_id != sid:
+        raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID",
+                      "invalid_last_event_id")
+    session = await state.sessions.get(sid)
+    logger.info("session %s resume after %d", sid, after)
+    state.metrics.resumes.inc()
+    return sse_response(state, session, after)
 
 
-def register_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> dict:
-        models = state_of(request).models
-        state = {"unloaded": "loading", "loading": "loading"}.get(models.state, models.state)
-        return {"status": state, "model": state_of(request).settings.model_name,
-                "error": models.error or None}
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict:
-        name = state_of(request).settings.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
-
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": request_body_schema()}}}})
-    async def chat_completions(request: Request) -> Any:
-        state = state_of(request)
-        body = await read_json(request)
-        point = parse_last_event_id(request)
-        if point is not None:
-            sid = body.get("session_id")
-            return await resume(state, request, sid if isinstance(sid, str) else None, point)
-        req = validate_request(body)
-        refuse_unsupported(req)
-        session = await start_session(state, req)
-        if req.stream:
-            return sse_response(state, session, -1)
-        return await wait_for_completion(state, session)
-
-    @app.get("/v1/chat/completions/{session_id}")
-    async def get_completion(request: Request, session_id: str, stream: bool = False) -> Any:
-        state = state_of(request)
-        point = parse_last_event_id(request)
-        session = await state.sessions.get(session_id)
-        if stream:
-            return await resume(state, request, session_id, point or (session_id, -1))
-        return JSONResponse(await assemble_completion(session, state.settings.model_name),
-                            headers={"X-Session-Id": session.id})
-
-    @app.post("/v1/cancel/{session_id}")
-    async def cancel(request: Request, session_id: str) -> dict:
-        state = state_of(request)
-        session = await state.sessions.get(session_id)
-        if not session.done.is_set():
-            logger.info("session %s cancel requested", session_id)
-            session.cancel("manual")
-            if session.job is None or not state.worker.cancel_waiting(session.job):
-                await wait_briefly(session.done, 5.0)
-        return {"id": session_id, "object": "session", "status": session.log.outcome.status}
+async def completion_body(state: AppState, session: Session) -> dict:
+    try:
+        events = await session.log.read(-1)
+    except EventsGone:
+        raise EventsGone("This session's events are no longer kept.") from None
+    return chat_completion_body([e.data for e in events], session.log.outcome, session.id, session.created,
+                                state.settings.model_name)
 
 
 async def wait_briefly(event: asyncio.Event, seconds: float) -> None:
@@ -2085,13 +2087,137 @@ async def wait_for_completion(state: AppState, session: Session) -> JSONResponse
         await session.done.wait()
     finally:
         session.detach(state.settings.cancel_after_disconnect_seconds)
-    body = await assemble_completion(session, state.settings.model_name)
+    body = await completion_body(state, session)
     if body["status"] == "failed":
-        raise APIError(500, body["error"]["message"], "server_error", code="generation_failed")
+        raise GenerationFailed(body["error"]["message"])
     return JSONResponse(body, headers={"X-Session-Id": session.id})
 
 
-# ----------------------------------------------------------------------------- app factory
+def request_body_schema() -> dict:
+    """ChatCompletionRequest's JSON schema with $refs inlined (the body is parsed by hand, for resume)."""
+    schema = ChatCompletionRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    models = state_of(request).models
+    status = {"unloaded": "loading", "loading": "loading"}.get(models.state, models.state)
+    return {"status": status, "model": state_of(request).settings.model_name, "error": models.error or None}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    name = state_of(request).settings.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
+
+
+@router.post("/v1/chat/completions", openapi_extra={"requestBody": {
+    "required": True, "content": {"application/json": {"schema": request_body_schema()}}}})
+async def chat_completions(request: Request) -> Any:
+    state = state_of(request)
+    body = await read_json(request)
+    point = parse_last_event_id(request)
+    if point is not None:
+        sid = body.get("session_id")
+        return await resume(state, sid if isinstance(sid, str) else None, point)
+    req = validate_request(body)
+    refuse_unsupported(req)
+    session = await start_session(state, req)
+    if req.stream:
+        return sse_response(state, session, -1)
+    return await wait_for_completion(state, session)
+
+
+@router.get("/v1/chat/completions/{session_id}")
+async def get_completion(request: Request, session_id: str, stream: bool = False) -> Any:
+    state = state_of(request)
+    point = parse_last_event_id(request)
+    session = await state.sessions.get(session_id)
+    if stream:
+        return await resume(state, session_id, point or (session_id, -1))
+    return JSONResponse(await completion_body(state, session), headers={"X-Session-Id": session.id})
+
+
+@router.post("/v1/cancel/{session_id}")
+async def cancel(request: Request, session_id: str) -> dict:
+    state = state_of(request)
+    session = await state.sessions.get(session_id)
+    if not session.done.is_set():
+        logger.info("session %s cancel requested", session_id)
+        session.cancel("manual")
+        if session.job is None or not state.worker.cancel_waiting(session.job):
+            await wait_briefly(session.done, 5.0)
+    return {"id": session_id, "object": "session", "status": session.log.outcome.status}
+
+
+# Domain errors to (status, type, code): the one place the engine's refusals meet HTTP.
+ERROR_TABLE: dict[type[DomainError], tuple[int, str, str]] = {
+    QueueFull: (429, "rate_limit_exceeded", "queue_full"),
+    TooManySessions: (429, "rate_limit_exceeded", "too_many_sessions"),
+    ModelLoading: (503, "server_error", "model_loading"),
+    ModelLoadFailed: (503, "server_error", "model_load_failed"),
+    ShuttingDown: (503, "server_error", "shutting_down"),
+    SessionExists: (409, "invalid_request_error", "session_exists"),
+    SessionNotFound: (404, "invalid_request_error", "not_found"),
+    EventsGone: (410, "invalid_request_error", "events_expired"),
+    GenerationFailed: (500, "server_error", "generation_failed"),
+}
+
+
+async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
+    status, kind, code = ERROR_TABLE[type(exc)]
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
+    return JSONResponse(error_body(exc.message, kind, exc.param, code), status, headers=headers)
+
+
+async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), exc.status)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return JSONResponse(error_body(f"{param}: {first['msg']}", "invalid_request_error", param, "invalid_value"), 400)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), kind, None, kind if exc.status_code == 404 else None),
+                        exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id_var.get()
+    logger.exception("request %s failed", rid)
+    return JSONResponse(error_body(f"Internal server error (request id {rid}).", "server_error", None,
+                                   "internal_error"), 500)
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Callable] = {
+    DomainError: domain_error, APIError: api_error, RequestValidationError: validation_error,
+    StarletteHTTPException: http_error, Exception: server_error,
+}
+
+
+# ----------------------------------------------------------------------------- middleware
 
 class RequestIdMiddleware:
     """Pure ASGI: a request id per request (X-Request-Id accepted and echoed) for logs and 500s."""
@@ -2181,30 +2307,39 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def register_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return JSONResponse(error_body(f"{param}: {first['msg']}", "invalid_request_error", param, "invalid_value"),
-                            400)
+class MetricsMiddleware:
+    """Pure ASGI: counts responses by route template (never the raw path: session ids) and status."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind, None, kind if exc.status_code == 404 else None),
-                            exc.status_code, headers=getattr(exc, "headers", None))
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id_var.get()
-        logger.exception("request %s failed", rid)
-        return JSONResponse(error_body(f"Internal server error (request id {rid}).", "server_error", None,
-                                       "internal_error"), 500)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+
+
+# ----------------------------------------------------------------------------- app
+
+def watch_gauges(metrics: Metrics, state: AppState) -> None:
+    """Gauges read at scrape time from the objects that own the numbers."""
+    metrics.queue_depth.set_function(lambda: state.worker.queued)
+    metrics.running.set_function(lambda: state.worker.running_count)
+    metrics.sessions.set_function(lambda: len(state.sessions.sessions))
+    metrics.listeners.set_function(lambda: sum(s.listeners for s in state.sessions.sessions.values()))
+    metrics.model_load_seconds.set_function(lambda: state.models.load_seconds)
+    for name in ("unloaded", "loading", "ready", "error"):
+        metrics.model_state.labels(name).set_function(lambda name=name: float(state.models.state == name))
 
 
 @asynccontextmanager
@@ -2218,14 +2353,15 @@ async def lifespan(app: FastAPI):
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
     metrics: Metrics = app.state.metrics
     state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),
-                     writer, metrics)
-    metrics.watch(state)
+                     writer, metrics, anyio.Event())
+    watch_gauges(metrics, state)
     app.state.server = state
     if settings.preload_model:
         asyncio.ensure_future(asyncio.to_thread(models.load))
-    sweeper = asyncio.ensure_future(sweep_sessions(state))
+    tasks = [asyncio.ensure_future(sweep_sessions(state)), asyncio.ensure_future(stop_on_exit(state))]
     yield
-    sweeper.cancel()
+    for task in tasks:
+        task.cancel()
     await shutdown(state)
 
 
@@ -2234,6 +2370,13 @@ async def sweep_sessions(state: AppState) -> None:
     while True:
         await asyncio.sleep(interval)
         state.sessions.expire()
+
+
+async def stop_on_exit(state: AppState) -> None:
+    """The one shutdown watcher: when the server starts exiting, end every generation so
+    open streams get their final event and [DONE] and non-streamed callers their answer."""
+    await state.server_exit.wait()
+    await stop_generations(state)
 
 
 async def stop_generations(state: AppState) -> None:
@@ -2265,25 +2408,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     configure_logging(settings.log_level)
-    register_error_handlers(app)
-    register_routes(app)
+    for exc_class, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)
+    app.include_router(router)
     add_middleware(app, settings)
     return app
 
 
 def add_middleware(app: FastAPI, settings: Settings) -> None:
     """Outermost last: CORS answers preflights, then metrics, request ids, body limit, API keys."""
-    keys = [k.strip() for k in settings.api_key.split(",") if k.strip()]
-    if keys:
-        app.add_middleware(APIKeyMiddleware, keys=keys)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, keys=settings.api_key)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
-    if origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
+                           allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
                            expose_headers=["X-Session-Id", "X-Request-Id"])
 
@@ -2304,10 +2445,24 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn that tells the app the moment it starts exiting (SIGINT/SIGTERM), so
+    generations that no stream is reading (non-streamed requests) stop as well."""
+
+    def __init__(self, config: uvicorn.Config, served: FastAPI):
+        super().__init__(config)
+        self.served = served
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        state = getattr(self.served.state, "server", None)
+        if state is not None:
+            state.worker.loop.call_soon_threadsafe(state.server_exit.set)
+        super().handle_exit(sig, frame)
+
+
 app = create_app()
 
 if __name__ == "__main__":
-    import uvicorn
-
-    uvicorn.run(app, host=app.state.settings.host, port=app.state.settings.port,
-                log_level=app.state.settings.log_level)
+    settings = app.state.settings
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    GracefulServer(config, app).run()

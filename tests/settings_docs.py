@@ -15,7 +15,11 @@ import main  # noqa: E402
 
 
 def default_text(value) -> str:
-    return ("1" if value else "0") if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (list, tuple)):  # comma lists
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def env_example() -> str:
