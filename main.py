@@ -49,6 +49,7 @@ import asyncio
 import base64
 import binascii
 import contextvars
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -63,6 +64,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -273,7 +275,11 @@ class SessionExists(DomainError):
 
 
 class SessionNotFound(DomainError):
-    """No session with that id (never created, expired, or deleted)."""
+    """No session with that id (never created, expired, deleted, or another key's)."""
+
+
+class ModelNotFound(DomainError):
+    """A model id this server does not serve."""
 
 
 class EventsGone(DomainError):
@@ -282,6 +288,10 @@ class EventsGone(DomainError):
 
 class GenerationFailed(DomainError):
     """The generation ended with an error (reported to a non-streamed caller)."""
+
+
+class StoreUnavailable(DomainError):
+    """The session store (SQLite, Redis) cannot take or give what is asked now."""
 
 
 
@@ -339,7 +349,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = 1
@@ -732,6 +742,20 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
         logit_bias=checked_logit_bias(req.logit_bias, vocab_size))
 
 
+def refuse_control_tokens(req: ChatCompletionRequest, control: tuple[str, ...]) -> None:
+    """Text is text: a message may not spell a control token (`<|im_start|>`, `<|image_pad|>`...),
+    which the tokenizer would turn into the real token (a forged turn, or a vision
+    placeholder without its image). Refused, not escaped: no rewrite of what was asked."""
+    for i, message in enumerate(req.messages):
+        parts = [message.content] if isinstance(message.content, str) else [
+            p.text for p in message.content or [] if isinstance(p, TextPart)]
+        for text in parts:
+            found = next((token for token in control if token in text), None)
+            if found:
+                raise invalid(f"Message text may not contain the control token {found}.", f"messages.{i}.content",
+                              "invalid_value")
+
+
 def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
     if bias and max(bias) >= vocab_size:
         raise invalid(f"logit_bias names a token id outside the vocabulary ({vocab_size}).", "logit_bias",
@@ -752,15 +776,21 @@ class ModelManager:
         self.error = ""
         self.model = self.processor = None
         self.eos_ids: list[int] = []
+        self.control_tokens: tuple[str, ...] = ()
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Future | None = None
         self._failed_at = 0.0
 
     async def ensure_loaded(self) -> None:
+        """Ready, or wait for the first load; once a load has failed, answer at once (a retry
+        runs in the background every RETRY_AFTER_FAILURE_SECONDS) instead of making every
+        request wait out another slow failure."""
         if self.state == "ready":
             return
-        if self.state == "error" and time.monotonic() - self._failed_at < self.RETRY_AFTER_FAILURE_SECONDS:
+        if self.state in ("error", "loading") and self._failed_at:
+            if self.state == "error" and time.monotonic() - self._failed_at >= self.RETRY_AFTER_FAILURE_SECONDS:
+                self._task = asyncio.ensure_future(asyncio.to_thread(self.load))
             raise self._unavailable()
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(asyncio.to_thread(self.load))
@@ -786,6 +816,7 @@ class ModelManager:
             try:
                 self.processor, self.model = self._from_pretrained()
                 self.eos_ids = eos_token_ids(self.model)
+                self.control_tokens = control_tokens(self.processor.tokenizer)
             except Exception as exc:  # any loader failure is reported through /health and 503s
                 self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
                 logger.error("model load failed: %s", self.error)
@@ -814,6 +845,12 @@ class ModelManager:
     def vocab_size(self) -> int:
         """Width of the logits, which is larger than the tokenizer's length."""
         return self.model.config.text_config.vocab_size
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The special added tokens' strings (`<|im_start|>`...), which text must not spell."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return tuple(sorted({t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens)))
 
 
 def eos_token_ids(model) -> list[int]:
@@ -981,6 +1018,7 @@ class Job:
     claimed: bool = False
     deadline: float = float("inf")
     last_token_at: float = 0.0
+    generated: int = 0  # tokens so far, for a result read while it runs
     text_posted: bool = False  # the worker has posted this job's first text
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1458,6 +1496,7 @@ class Worker:
         else:
             self.metrics.token_latency.observe(now - job.last_token_at)
         job.last_token_at = now
+        job.generated = count
 
     def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
         if pieces:
@@ -1580,6 +1619,10 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
 
 # ----------------------------------------------------------------------------- sessions
 
+STORAGE_FAILED = "The session could not be stored (the session store failed); it ended early."
+INTERRUPTED = "Generation was interrupted by a server restart."
+
+
 @dataclass
 class Event:
     index: int
@@ -1591,6 +1634,8 @@ class SessionLog:
 
     A pure log (D6): append, read(after), follow(after), finish. Appends and reads
     happen on the event loop. Cancel belongs to the session and its job, not here.
+    A log whose store failed for good is `broken`: it ends where its readers are, with
+    an error event and [DONE], and ignores later appends (never a silent gap).
     """
 
     def __init__(self, session_id: str, capacity: int, next_index: int = 0, outcome: Outcome | None = None):
@@ -1599,9 +1644,13 @@ class SessionLog:
         self.next_index = next_index
         self.visible = next_index - 1
         self.outcome = outcome or Outcome()
+        self.broken = False
+        self.on_broken: Callable[[], None] | None = None
         self._changed = asyncio.Event()
 
     def append(self, data: str) -> int:
+        if self.broken:
+            return -1
         event = Event(self.next_index, data)
         self.events.append(event)
         self.next_index += 1
@@ -1618,7 +1667,26 @@ class SessionLog:
         self._changed = asyncio.Event()
 
     def finish(self, outcome: Outcome) -> None:
-        self.outcome = outcome
+        if not self.broken:
+            self.outcome = outcome
+
+    def end_early(self, message: str, code: str) -> None:
+        """Close the log right after the last visible event with an error and [DONE], in
+        memory only: what no reader has seen yet (it was never stored) is dropped."""
+        if self.broken:
+            return
+        self.broken = True
+        while self.events and self.events[-1].index > self.visible:
+            self.events.pop()
+        self.next_index = self.visible + 1
+        for data in (dumps(error_body(message, "server_error", code=code)), "[DONE]"):
+            self.events.append(Event(self.next_index, data))
+            self.next_index += 1
+        self.outcome = Outcome("failed" if code != "interrupted" else "interrupted", None,
+                               self.outcome.prompt_tokens, self.outcome.completion_tokens)
+        self.publish(self.next_index - 1)
+        if self.on_broken is not None:
+            self.on_broken()
 
     @property
     def closed(self) -> bool:
@@ -1641,10 +1709,11 @@ class SessionLog:
         return self.buffer_start
 
     async def read(self, after: int) -> list[Event]:
-        """Visible events with index > after; EventsGone if some of them are no longer kept."""
-        first = self.buffer_start
-        if after + 1 < first:
-            return await self._read_older(after, first) + self._buffered(first - 1)
+        """Visible events with index > after, in order and without a gap; EventsGone if the
+        first of them is no longer kept. Older events come from the store alone (no ring
+        joined on), so the ring moving on during the read cannot open a gap."""
+        if after + 1 < self.buffer_start:
+            return await self._read_older(after, self.visible)
         return self._buffered(after)
 
     def _buffered(self, after: int) -> list[Event]:
@@ -1657,8 +1726,8 @@ class SessionLog:
                 newer.append(event)
         return newer[::-1]
 
-    async def _read_older(self, after: int, first: int) -> list[Event]:
-        raise EventsGone(f"Events after {after} are no longer kept (oldest kept: {first}).")
+    async def _read_older(self, after: int, upto: int) -> list[Event]:
+        raise EventsGone(f"Events after {after} are no longer kept (oldest kept: {self.buffer_start}).")
 
     async def follow(self, after: int) -> AsyncIterator[Event]:
         """Replay events after `after`, then follow live ones until [DONE]."""
@@ -1671,6 +1740,25 @@ class SessionLog:
                 return
             await changed.wait()
 
+    async def wait_drained(self) -> None:
+        """Until [DONE] is visible (with SQLite: committed), so a result read then is whole."""
+        while True:
+            changed = self._changed
+            if self.drained:
+                return
+            await changed.wait()
+
+
+@dataclass(eq=False)
+class WriteOp:
+    """One SQL write for the writer thread."""
+
+    sql: str
+    args: tuple
+    log: SessionLog | None = None  # the session the write belongs to
+    index: int = -1  # the event index it makes durable, if any
+    done: asyncio.Future | None = None  # resolved on the loop once committed (or failed for good)
+
 
 class SQLiteWriter:
     """One thread that owns the write connection and commits in batches (group commit).
@@ -1678,9 +1766,13 @@ class SQLiteWriter:
     Whatever queued up since the previous commit goes into the next transaction: at once
     when idle, at most every COMMIT_INTERVAL while events stream in. After each commit it
     tells the logs which of their events are durable (readers see only those).
+    A failed transaction is retried; if it keeps failing (disk full), every session in
+    it ends early with an error (SessionLog.end_early) and its later writes are dropped,
+    so a later commit can never make visible an event that was not stored (D35).
     """
 
     COMMIT_INTERVAL = 0.025
+    RETRY_DELAYS = (0.05, 0.2, 0.5)
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS sessions (
@@ -1693,10 +1785,12 @@ class SQLiteWriter:
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.loop = path, loop
-        self.ops: queue.Queue = queue.Queue()
+        self.ops: queue.Queue[WriteOp | None] = queue.Queue()
         self.read_lock = threading.Lock()
         self.reader = self._connect()
         self.reader.executescript(self.SCHEMA)
+        self.failed: weakref.WeakSet[SessionLog] = weakref.WeakSet()  # writer thread only
+        self.failing = False  # an outage is under way (logged once)
         self.thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self.thread.start()
 
@@ -1707,7 +1801,13 @@ class SQLiteWriter:
         return conn
 
     def submit(self, sql: str, args: tuple, log: SessionLog | None = None, index: int = -1) -> None:
-        self.ops.put((sql, args, log, index))
+        self.ops.put(WriteOp(sql, args, log, index))
+
+    async def write(self, sql: str, args: tuple, log: SessionLog | None = None) -> None:
+        """Submit and wait until committed; StoreUnavailable if it could not be."""
+        done = self.loop.create_future()
+        self.ops.put(WriteOp(sql, args, log, done=done))
+        await done
 
     def close(self) -> None:
         self.ops.put(None)
@@ -1723,43 +1823,74 @@ class SQLiteWriter:
             while not self.ops.empty():
                 batch.append(self.ops.get_nowait())
             done = batch[-1] is None
-            self._commit(conn, [op for op in batch if op is not None])
+            self._commit(conn, [op for op in batch if op is not None and op.log not in self.failed])
             last_commit = time.monotonic()
             if done:
                 conn.close()
                 return
 
-    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[WriteOp]) -> None:
+        for delay in (*self.RETRY_DELAYS, None):
+            try:
+                self._transaction(conn, batch)
+                break
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if not self.failing:
+                    self.failing = True
+                    logger.error("sqlite write of %d ops failed (%s); retrying", len(batch), exc)
+                if delay is None:
+                    return self._give_up(batch)
+                time.sleep(delay)
+        if self.failing:
+            self.failing = False
+            logger.info("sqlite writes work again")
+        self._report(batch)
+
+    def _transaction(self, conn: sqlite3.Connection, batch: list[WriteOp]) -> None:
+        conn.execute("BEGIN")
+        for op in batch:
+            conn.execute(op.sql, op.args)
+        conn.execute("COMMIT")
+
+    def _report(self, batch: list[WriteOp]) -> None:
         durable: dict[SessionLog, int] = {}
-        try:
-            conn.execute("BEGIN")
-            for sql, args, log, index in batch:
-                conn.execute(sql, args)
-                if log is not None and index >= 0:
-                    durable[log] = max(durable.get(log, -1), index)
-            conn.execute("COMMIT")
-        except sqlite3.Error:
-            logger.exception("sqlite batch of %d writes failed", len(batch))
-            conn.execute("ROLLBACK") if conn.in_transaction else None
-            return
+        for op in batch:
+            if op.log is not None and op.index >= 0:
+                durable[op.log] = max(durable.get(op.log, -1), op.index)
+            if op.done is not None:
+                self.loop.call_soon_threadsafe(settle, op.done, None)
         for log, index in durable.items():
             self.loop.call_soon_threadsafe(log.publish, index)
+
+    def _give_up(self, batch: list[WriteOp]) -> None:
+        logs = {op.log for op in batch if op.log is not None}
+        logger.error("sqlite write of %d ops failed for good; %d sessions end early", len(batch), len(logs))
+        for log in logs:
+            self.failed.add(log)
+            self.loop.call_soon_threadsafe(log.end_early, STORAGE_FAILED, "storage_failed")
+        for op in batch:
+            if op.done is not None:
+                self.loop.call_soon_threadsafe(settle, op.done, StoreUnavailable("The session store is failing."))
 
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self.read_lock:
             return self.reader.execute(sql, args).fetchall()
 
 
+def settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(None)
+
+
 class SQLiteSessionLog(SessionLog):
     """The same log, written through to SQLite; readers see committed events only."""
 
     def __init__(self, session_id: str, capacity: int, writer: SQLiteWriter, next_index: int = 0,
-                 outcome: Outcome | None = None, created: float | None = None):
+                 outcome: Outcome | None = None):
         super().__init__(session_id, capacity, next_index, outcome)
         self.writer = writer
-        if created is not None:
-            writer.submit("INSERT INTO sessions (id, created, status) VALUES (?, ?, 'in_progress')",
-                          (session_id, created))
 
     def __hash__(self) -> int:
         return id(self)
@@ -1769,25 +1900,33 @@ class SQLiteSessionLog(SessionLog):
                            (self.session_id, event.index, event.data), self, event.index)
 
     def finish(self, outcome: Outcome) -> None:
+        if self.broken:
+            return
         super().finish(outcome)
         self.writer.submit(
             "UPDATE sessions SET finished=?, status=?, finish_reason=?, prompt_tokens=?, completion_tokens=? "
             "WHERE id=?", (time.time(), outcome.status, outcome.finish_reason, outcome.prompt_tokens,
-                           outcome.completion_tokens, self.session_id))
+                           outcome.completion_tokens, self.session_id), self)
 
     @property
     def oldest_kept(self) -> int:
         return 0
 
-    async def _read_older(self, after: int, first: int) -> list[Event]:
+    async def _read_older(self, after: int, upto: int) -> list[Event]:
+        """Every committed event in (after, upto]: all visible events are committed."""
         rows = await asyncio.to_thread(
-            self.writer.query, "SELECT idx, data FROM events WHERE session_id=? AND idx>? AND idx<? ORDER BY idx",
-            (self.session_id, after, first))
+            self.writer.query, "SELECT idx, data FROM events WHERE session_id=? AND idx>? AND idx<=? ORDER BY idx",
+            (self.session_id, after, upto))
         return [Event(i, d) for i, d in rows]
 
 
 def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> SQLiteSessionLog | None:
-    """A finished session read back from SQLite (its events stay on disk until read)."""
+    """A session read back from SQLite (its events stay on disk until read).
+
+    One still `in_progress` there is not generating in this process (those are in
+    memory), so it died with an earlier one; if closing it at startup failed too (disk
+    full), it reads as interrupted anyway, never as running forever.
+    """
     rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, finished FROM sessions "
                         "WHERE id=?", (session_id,))
     if not rows:
@@ -1804,8 +1943,7 @@ def close_interrupted(writer: SQLiteWriter) -> int:
     """Sessions still generating when the last process died end as interrupted."""
     rows = writer.query("SELECT s.id, (SELECT MAX(idx) FROM events e WHERE e.session_id = s.id) "
                         "FROM sessions s WHERE s.status='in_progress'")
-    error = json.dumps(error_body("Generation was interrupted by a server restart.", "server_error",
-                                  code="interrupted"))
+    error = dumps(error_body(INTERRUPTED, "server_error", code="interrupted"))
     for session_id, last in rows:
         nxt = (last if last is not None else -1) + 1
         for offset, data in enumerate((error, "[DONE]")):
@@ -1815,12 +1953,19 @@ def close_interrupted(writer: SQLiteWriter) -> int:
     return len(rows)
 
 
+def store_key(owner: str, session_id: str) -> str:
+    """Where a session lives in the stores: inside its owner's namespace when API keys are
+    on (D36), so another key can neither read it nor learn that the id is taken."""
+    return f"{owner}/{session_id}" if owner else session_id
+
+
 @dataclass(eq=False)
 class Session:
     """A log plus who is listening to it; the auto-cancel timer runs while nobody is."""
 
-    id: str
+    id: str  # what the client named it: SSE ids are `<id>:<index>`
     log: SessionLog
+    key: str = ""  # store_key(owner, id)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     listeners: int = 0
@@ -1830,6 +1975,10 @@ class Session:
     cancel_reason: str = ""
     cancel_event: threading.Event = field(default_factory=threading.Event)  # the job's cancel flag (D6)
     _timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.id
+        self.log.on_broken = partial(self.cancel, "storage")
 
     def attach(self) -> None:
         self.listeners += 1
@@ -1866,36 +2015,46 @@ class Session:
 
 
 class SessionRegistry:
-    """Sessions by id: reservation, lookup (memory, then SQLite), expiry."""
+    """Sessions by store key: reservation, lookup (memory, then SQLite), expiry."""
 
     def __init__(self, settings: Settings, writer: SQLiteWriter | None):
         self.settings, self.writer = settings, writer
         self.sessions: dict[str, Session] = {}
 
-    async def create(self, session_id: str | None) -> Session:
+    async def create(self, session_id: str | None, owner: str = "") -> Session:
         """Reserve an id before any slow work, so two requests cannot both claim it.
 
         The disk lookup comes first (off the loop); the memory check and the insert then
         run with no await between them, so of two requests for one new id only one wins.
+        With SQLite the session row is committed before this returns, so a client that
+        has been told the id finds the session after any crash (as interrupted at worst).
         """
         session_id = session_id or f"sess-{uuid.uuid4().hex}"
-        persisted = self.writer is not None and await asyncio.to_thread(self._persisted, session_id)
-        if persisted or session_id in self.sessions:
+        key = store_key(owner, session_id)
+        persisted = self.writer is not None and await asyncio.to_thread(self._persisted, key)
+        if persisted or key in self.sessions:
             raise SessionExists(f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
                                 param="session_id")
         self._make_room()
-        session = Session(session_id, self._new_log(session_id))
-        self.sessions[session_id] = session
+        session = Session(session_id, self._new_log(key), key=key)
+        self.sessions[key] = session
+        if self.writer:
+            try:
+                await self.writer.write("INSERT INTO sessions (id, created, status) VALUES (?, ?, 'in_progress')",
+                                        (key, time.time()), session.log)
+            except StoreUnavailable:
+                self.sessions.pop(key, None)
+                raise
         return session
 
-    def _new_log(self, session_id: str) -> SessionLog:
+    def _new_log(self, key: str) -> SessionLog:
         capacity = self.settings.buffer_events
         if self.writer:
-            return SQLiteSessionLog(session_id, capacity, self.writer, created=time.time())
-        return SessionLog(session_id, capacity)
+            return SQLiteSessionLog(key, capacity, self.writer)
+        return SessionLog(key, capacity)
 
-    def _persisted(self, session_id: str) -> bool:
-        return bool(self.writer.query("SELECT 1 FROM sessions WHERE id=?", (session_id,)))
+    def _persisted(self, key: str) -> bool:
+        return bool(self.writer.query("SELECT 1 FROM sessions WHERE id=?", (key,)))
 
     def _make_room(self) -> None:
         if len(self.sessions) < self.settings.max_sessions:
@@ -1904,20 +2063,23 @@ class SessionRegistry:
         if not finished:
             raise TooManySessions("Too many sessions in progress.", retry_after=5)
         for session in finished[: len(self.sessions) - self.settings.max_sessions + 1]:
-            del self.sessions[session.id]
+            del self.sessions[session.key]
 
     def discard(self, session: Session) -> None:
         """Forget a session whose request failed before generation started."""
-        self.sessions.pop(session.id, None)
+        self.sessions.pop(session.key, None)
         if self.writer:
-            self.writer.submit("DELETE FROM sessions WHERE id=?", (session.id,))
+            self.writer.submit("DELETE FROM sessions WHERE id=?", (session.key,))
 
-    async def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
+    async def get(self, session_id: str, owner: str = "") -> Session:
+        key = store_key(owner, session_id)
+        session = self.sessions.get(key)
         if session is None and self.writer:
-            log = await asyncio.to_thread(load_persisted, self.writer, session_id, self.settings.buffer_events)
+            log = await asyncio.to_thread(load_persisted, self.writer, key, self.settings.buffer_events)
             if log is not None:
-                session = self.sessions.setdefault(session_id, Session(session_id, log, finished_at=time.time()))
+                session = self.sessions.setdefault(key, Session(session_id, log, key=key, finished_at=time.time()))
+                if not log.closed:  # it died with an earlier process (see load_persisted)
+                    log.end_early(INTERRUPTED, "interrupted")
                 session.done.set()
         if session is None:
             raise SessionNotFound(f"Session '{session_id}' not found.")
@@ -1926,18 +2088,17 @@ class SessionRegistry:
     def expire(self) -> None:
         cutoff = time.time() - self.settings.sessions_ttl_seconds
         for session in [s for s in self.sessions.values() if s.finished_at and s.finished_at < cutoff]:
-            del self.sessions[session.id]
+            del self.sessions[session.key]
         if self.writer:
             self.writer.submit("DELETE FROM events WHERE session_id IN "
                                "(SELECT id FROM sessions WHERE finished IS NOT NULL AND finished < ?)", (cutoff,))
             self.writer.submit("DELETE FROM sessions WHERE finished IS NOT NULL AND finished < ?", (cutoff,))
 
 
-
-
 # ----------------------------------------------------------------------------- http
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+SSE_RETRY_MS = 1000  # how soon an EventSource reconnects after a drop
 LAST_EVENT_ID = re.compile(r"^(?P<sid>[A-Za-z0-9._-]{1,128}):(?P<idx>-?\d{1,18})$")
 
 
@@ -1955,6 +2116,11 @@ class AppState:
 
 def state_of(request: Request) -> AppState:
     return request.app.state.server
+
+
+def owner_of(request: Request) -> str:
+    """Whose sessions this request may see: the digest of its API key (set by APIKeyMiddleware)."""
+    return request.scope.get("state", {}).get("owner", "")
 
 
 def parse_last_event_id(request: Request) -> tuple[str, int] | None:
@@ -1984,7 +2150,8 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
         session.attach()
         try:
             async for event in session.log.follow(after):
-                yield {"id": f"{session.id}:{event.index}", "data": event.data}
+                first = event.index == after + 1
+                yield {"id": f"{session.id}:{event.index}", "data": event.data, "retry": SSE_RETRY_MS if first else None}
         except EventsGone:  # this reader fell a whole buffer behind; a reconnect gets 410
             logger.warning("session %s reader fell behind the ring buffer", session.id)
         finally:
@@ -1996,13 +2163,26 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
                                         "X-Accel-Buffering": "no"})
 
 
+LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def read_json(request: Request) -> dict:
+    """The body as a JSON object; whatever json.loads cannot take (invalid, nested past
+    the recursion limit, an integer of 4,300+ digits) or text that is not Unicode (a
+    lone surrogate) is a 400, never a 500."""
+    raw = await request.body()
     try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise invalid("The body is not valid JSON.", None, "invalid_json") from None
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        raise invalid("The body is not valid JSON (or nests or counts past this server's limits).", None,
+                      "invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The body must be a JSON object.", None, "invalid_json")
+    if LONE_SURROGATE_ESCAPE.search(raw):  # cheap test first: pairs are fine, lone halves are not text
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("The body holds a lone UTF-16 surrogate, which is not text.", None, "invalid_json") from None
     return body
 
 
@@ -2017,6 +2197,7 @@ def close_session(state: AppState, session: Session, outcome: Outcome) -> None:
 
 async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
     """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool."""
+    refuse_control_tokens(req, state.models.control_tokens)
     messages = await load_media(req, state.settings)
     prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
                                              state.models.context_length)
@@ -2030,7 +2211,7 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
                prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started)
 
 
-async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
+async def start_session(state: AppState, req: ChatCompletionRequest, owner: str) -> Session:
     """Admit, reserve the id, prepare and submit; every refusal comes before media is decoded."""
     if state.shutting_down:
         raise ShuttingDown("The server is shutting down.", retry_after=10)
@@ -2039,7 +2220,7 @@ async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
     session = None
     try:
         await state.models.ensure_loaded()
-        session = await state.sessions.create(req.session_id)
+        session = await state.sessions.create(req.session_id, owner)
         job = await prepare_job(state, req, session)
     except BaseException:
         state.worker.release()
@@ -2054,14 +2235,18 @@ async def start_session(state: AppState, req: ChatCompletionRequest) -> Session:
     return session
 
 
-async def resume(state: AppState, session_id: str | None, point: tuple[str, int]) -> EventSourceResponse:
+async def resume(state: AppState, session_id: str | None, point: tuple[str, int],
+                 owner: str) -> EventSourceResponse | Response:
     sid, after = point
     if session_id and session_id != sid:
         raise invalid("Last-Event-ID names another session than the path or body.", "Last-Event-ID",
                       "invalid_last_event_id")
-    session = await state.sessions.get(sid)
+    session = await state.sessions.get(sid, owner)
     logger.info("session %s resume after %d", sid, after)
     state.metrics.resumes.inc()
+    if session.log.drained and after == session.log.next_index - 1:
+        # nothing will ever follow [DONE]: 204 is how the HTML spec tells EventSource to stop
+        return Response(status_code=204, headers={"X-Session-Id": session.id})
     return sse_response(state, session, after)
 
 
@@ -2070,7 +2255,10 @@ async def completion_body(state: AppState, session: Session) -> dict:
         events = await session.log.read(-1)
     except EventsGone:
         raise EventsGone("This session's events are no longer kept.") from None
-    return chat_completion_body([e.data for e in events], session.log.outcome, session.id, session.created,
+    outcome = session.log.outcome
+    if not session.log.closed and session.job is not None:  # usage so far, not 0/0/0
+        outcome = Outcome(outcome.status, None, session.job.prompt_tokens, session.job.generated)
+    return chat_completion_body([e.data for e in events], outcome, session.id, session.created,
                                 state.settings.model_name)
 
 
@@ -2085,6 +2273,7 @@ async def wait_for_completion(state: AppState, session: Session) -> JSONResponse
     session.attach()
     try:
         await session.done.wait()
+        await session.log.wait_drained()  # with SQLite: until the last event is committed (or failed)
     finally:
         session.detach(state.settings.cancel_after_disconnect_seconds)
     body = await completion_body(state, session)
@@ -2114,7 +2303,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> dict:
     models = state_of(request).models
-    status = {"unloaded": "loading", "loading": "loading"}.get(models.state, models.state)
+    status = {"unloaded": "idle"}.get(models.state, models.state)  # idle: no load asked for yet
     return {"status": status, "model": state_of(request).settings.model_name, "error": models.error or None}
 
 
@@ -2123,10 +2312,21 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "local"}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [model_card(state_of(request).settings.model_name)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> dict:
     name = state_of(request).settings.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]}
+    if model != name:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{name}'.", param="model")
+    return model_card(name)
 
 
 @router.post("/v1/chat/completions", openapi_extra={"requestBody": {
@@ -2137,10 +2337,10 @@ async def chat_completions(request: Request) -> Any:
     point = parse_last_event_id(request)
     if point is not None:
         sid = body.get("session_id")
-        return await resume(state, sid if isinstance(sid, str) else None, point)
+        return await resume(state, sid if isinstance(sid, str) else None, point, owner_of(request))
     req = validate_request(body)
     refuse_unsupported(req)
-    session = await start_session(state, req)
+    session = await start_session(state, req, owner_of(request))
     if req.stream:
         return sse_response(state, session, -1)
     return await wait_for_completion(state, session)
@@ -2150,16 +2350,16 @@ async def chat_completions(request: Request) -> Any:
 async def get_completion(request: Request, session_id: str, stream: bool = False) -> Any:
     state = state_of(request)
     point = parse_last_event_id(request)
-    session = await state.sessions.get(session_id)
+    session = await state.sessions.get(session_id, owner_of(request))
     if stream:
-        return await resume(state, session_id, point or (session_id, -1))
+        return await resume(state, session_id, point or (session_id, -1), owner_of(request))
     return JSONResponse(await completion_body(state, session), headers={"X-Session-Id": session.id})
 
 
 @router.post("/v1/cancel/{session_id}")
 async def cancel(request: Request, session_id: str) -> dict:
     state = state_of(request)
-    session = await state.sessions.get(session_id)
+    session = await state.sessions.get(session_id, owner_of(request))
     if not session.done.is_set():
         logger.info("session %s cancel requested", session_id)
         session.cancel("manual")
@@ -2177,8 +2377,10 @@ ERROR_TABLE: dict[type[DomainError], tuple[int, str, str]] = {
     ShuttingDown: (503, "server_error", "shutting_down"),
     SessionExists: (409, "invalid_request_error", "session_exists"),
     SessionNotFound: (404, "invalid_request_error", "not_found"),
+    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     EventsGone: (410, "invalid_request_error", "events_expired"),
     GenerationFailed: (500, "server_error", "generation_failed"),
+    StoreUnavailable: (503, "server_error", "store_unavailable"),
 }
 
 
@@ -2207,8 +2409,10 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     rid = request_id_var.get()
     logger.exception("request %s failed", rid)
+    # Connection: close, since Starlette re-raises after this answer and uvicorn then drops
+    # the connection: a keep-alive client must not send its next request into it
     return JSONResponse(error_body(f"Internal server error (request id {rid}).", "server_error", None,
-                                   "internal_error"), 500)
+                                   "internal_error"), 500, headers={"Connection": "close"})
 
 
 EXCEPTION_HANDLERS: dict[type[Exception], Callable] = {
@@ -2288,22 +2492,33 @@ def replay(messages: list[dict], receive):
     return replayed
 
 
+def key_owner(key: bytes) -> str:
+    """A session owner's name: a digest of its API key, never the key (D36)."""
+    return hashlib.sha256(key).hexdigest()[:24]
+
+
 class APIKeyMiddleware:
-    """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route when API_KEY is set."""
+    """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route and the API docs when
+    API_KEY is set; the matching key's digest becomes the request's session owner."""
+
+    PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")
 
     def __init__(self, app, keys: list[str]):
         self.app, self.keys = app, [k.encode() for k in keys]
+        self.owners = [key_owner(k) for k in self.keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not scope["path"].startswith(self.PROTECTED) or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
         # compare against every key so timing does not tell which one nearly matched
-        if not sum(hmac.compare_digest(token, key) for key in self.keys):
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        if not any(matches):
             return await send_error(send, 401, error_body("Missing or invalid API key.", "invalid_request_error",
                                                           None, "invalid_api_key"),
                                     [(b"www-authenticate", b"Bearer")])
+        scope.setdefault("state", {})["owner"] = self.owners[matches.index(True)]
         await self.app(scope, receive, send)
 
 
@@ -2425,7 +2640,7 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
+                           allow_headers=["*"],  # the OpenAI JS SDK sends X-Stainless-* headers
                            expose_headers=["X-Session-Id", "X-Request-Id"])
 
 

@@ -139,7 +139,7 @@ def parse_sse(lines) -> list[dict]:
             if "data" in current:
                 events.append(current)
             current = {}
-        elif line.startswith(":"):
+        elif line.startswith(":") or line.startswith("retry:"):  # comments and the reconnect delay
             continue
         else:
             name, _, value = line.partition(":")
