@@ -399,14 +399,130 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
             raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
 
 
-def validate_request(body: dict) -> ChatCompletionRequest:
+def validate_request(body: dict, schema: type[BaseModel] = ChatCompletionRequest) -> Any:
+    """The body as `schema`, or a 400 naming the first bad field."""
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
         raise invalid(f"{param}: {first['msg']}", param, "invalid_value") from None
 
+
+
+class ResponseText(BaseModel):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class ResponseImage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_image"]
+    image_url: str
+    detail: str | None = None
+
+
+class ResponseVideo(BaseModel):
+    """Our extension: `{"type": "input_video", "video_url": ...}`."""
+
+    type: Literal["input_video"]
+    video_url: str
+
+
+ResponseContentPart = Annotated[ResponseText | ResponseImage | ResponseVideo, Field(discriminator="type")]
+
+
+class ResponseInputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ResponseContentPart]
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API body (the parts this server serves) plus `seed`."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[ResponseInputMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    ignore_eos: bool = False  # vLLM's extensions, as on chat
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[int, float] | None = None
+    stream: bool | None = False
+    background: bool | None = False
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    truncation: Literal["auto", "disabled"] | None = None
+    text: dict | None = None
+    reasoning: dict | None = None
+    parallel_tool_calls: bool | None = None
+    # Known fields this server cannot honour yet: refused, never ignored.
+    tools: list | None = None
+    tool_choice: Any = None
+    include: list[str] | None = None
+    conversation: Any = None
+
+
+RESPONSES_INCLUDE = {"reasoning.encrypted_content"}  # accepted, and meaningless here: reasoning is sent as text
+
+
+def refuse_unsupported_response(req: ResponsesRequest) -> None:
+    """A known Responses field we cannot honour is a 400 naming it, never silently ignored."""
+    if req.tools:
+        raise invalid("'tools' is not supported by this server yet.", "tools", "unsupported_parameter")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise invalid("'tool_choice' is not supported by this server yet.", "tool_choice", "unsupported_parameter")
+    if req.conversation is not None:
+        raise invalid("'conversation' is not supported; use previous_response_id.", "conversation",
+                      "unsupported_parameter")
+    unknown = sorted(set(req.include or []) - RESPONSES_INCLUDE)
+    if unknown:
+        raise invalid(f"'include' value {unknown[0]!r} is not supported.", "include", "unsupported_parameter")
+    text_format = (req.text or {}).get("format") or {"type": "text"}
+    if not isinstance(text_format, dict) or text_format.get("type") != "text":
+        raise invalid("Only text.format type 'text' is supported.", "text.format", "unsupported_parameter")
+    if req.background and req.store is False:
+        raise invalid("A background response must be stored (store: true).", "store", "invalid_value")
+
+
+def response_input_messages(req: ResponsesRequest) -> list[dict]:
+    """The request's input as chat messages (the prompt pipeline's language)."""
+    if isinstance(req.input, str):
+        return [{"role": "user", "content": req.input}]
+    return [{"role": item.role, "content": item.content if isinstance(item.content, str) else
+             [chat_part(part) for part in item.content]} for item in req.input]
+
+
+def chat_part(part: ResponseText | ResponseImage | ResponseVideo) -> dict:
+    if isinstance(part, ResponseText):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ResponseImage):
+        return {"type": "image_url", "image_url": {"url": part.image_url, "detail": part.detail}}
+    return {"type": "video_url", "video_url": {"url": part.video_url}}
+
+
+def chat_request_of(req: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
+    """The chat request a response runs as: instructions, earlier turns, then this input."""
+    system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    body = {"messages": system + history + response_input_messages(req), "max_tokens": req.max_output_tokens,
+            "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stream": bool(req.stream),
+            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logit_bias": req.logit_bias}
+    return validate_request(body)
+
+
+def input_items(req: ResponsesRequest) -> list[dict]:
+    """The input as the items `GET /v1/responses/{id}/input_items` lists."""
+    items = req.input
+    if isinstance(items, str):
+        items = [ResponseInputMessage(role="user", content=[ResponseText(type="input_text", text=items)])]
+    return [{"id": f"msg_{uuid.uuid4().hex}", "status": "completed", **item.model_dump(exclude_none=True)}
+            for item in items]
 
 
 # ----------------------------------------------------------------------------- media
@@ -1003,6 +1119,14 @@ class GenerationSink(Protocol):
         """The generation broke; message is safe to show."""
 
 
+@dataclass
+class TokenCounts:
+    """What a generation has produced so far, for usage reports (the worker writes it)."""
+
+    generated: int = 0
+    reasoning: int = 0  # of those, tokens before the think block closed (`</think>` included)
+
+
 @dataclass(eq=False)
 class Job:
     """One generation: prepared inputs in, output to its sink; all the worker needs to know."""
@@ -1018,7 +1142,7 @@ class Job:
     claimed: bool = False
     deadline: float = float("inf")
     last_token_at: float = 0.0
-    generated: int = 0  # tokens so far, for a result read while it runs
+    counts: TokenCounts = field(default_factory=TokenCounts)
     text_posted: bool = False  # the worker has posted this job's first text
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -1476,6 +1600,8 @@ class Worker:
         if row.ids is not None:
             row.ids = torch.cat([row.ids, row.ids.new_tensor([[token]])], dim=1)
         self._on_token(row.job, row.generated)
+        if row.pipeline.split.reasoning:  # still thinking when this token came: a reasoning token
+            row.job.counts.reasoning += 1
         text = row.detokenizer.add(token)
         if text:
             self._emit(row.job, row.pipeline.feed(text))
@@ -1496,7 +1622,7 @@ class Worker:
         else:
             self.metrics.token_latency.observe(now - job.last_token_at)
         job.last_token_at = now
-        job.generated = count
+        job.counts.generated = count
 
     def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
         if pieces:
@@ -1615,6 +1741,164 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
     if error:
         body["error"] = error
     return body
+
+
+def new_response(response_id: str, req: ResponsesRequest, model: str) -> dict:
+    """The Response object as it stands before any output (openai's `Response` type)."""
+    return {
+        "id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
+        "background": bool(req.background), "error": None, "incomplete_details": None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
+        "model": model, "output": [], "parallel_tool_calls": bool(req.parallel_tool_calls), "previous_response_id":
+        req.previous_response_id, "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
+        "store": req.store is not False, "temperature": req.temperature, "text": {"format": {"type": "text"}},
+        "tool_choice": "auto", "tools": [], "top_p": req.top_p, "truncation": req.truncation or "disabled",
+        "usage": None,
+    }
+
+
+# How a finish reason ends a response: (status, terminal event, incomplete_details reason).
+# Cancelled ends with response.completed carrying status "cancelled" (V6): the union of
+# stream events has no cancelled event, and the SDK's get_final_response() needs completed.
+RESPONSE_ENDINGS = {
+    "stop": ("completed", "response.completed", None),
+    "cancelled": ("cancelled", "response.completed", None),
+    "length": ("incomplete", "response.incomplete", "max_output_tokens"),
+    "timeout": ("incomplete", "response.incomplete", "max_output_tokens"),
+}
+
+
+class ResponsesShaper:
+    """A GenerationSink that writes Responses API stream events and `[DONE]` to a log.
+
+    Each event's sequence_number is its index in the log (both start at 0 with
+    response.created), so `starting_after=N`, `Last-Event-ID: N` and the SSE id agree.
+    Reasoning (before `</think>`) is a `reasoning` output item, the answer a `message`
+    item; output_index follows arrival order, as the SDK's stream helper asserts.
+    `response` is the Response as it stands, what GET returns while this process holds it.
+    """
+
+    def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], response: dict, prompt_tokens: int,
+                 counts: TokenCounts):
+        self.log, self.on_close, self.response = log, on_close, response
+        self.prompt_tokens, self.counts = prompt_tokens, counts
+        self.sequence = 0
+        self.item: dict | None = None  # the output item deltas go to now
+
+    def start(self) -> None:
+        self._event("response.created", response=self.response)
+        self._event("response.in_progress", response=self.response)
+
+    def deltas(self, pieces: list[tuple[str, str]]) -> None:
+        for name, text in pieces:
+            kind = "reasoning" if name == "reasoning_content" else "message"
+            if self.item is None or self.item["type"] != kind:
+                self._close_item()
+                self._open_item(kind)
+            self.item["content"][0]["text"] += text
+            event = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            extra = {} if kind == "reasoning" else {"logprobs": []}
+            self._event(event, **self._where(), delta=text, **extra)
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        status, event, incomplete = RESPONSE_ENDINGS[reason]
+        self._close_item()
+        self.response.update(status=status, usage=self.usage(completion_tokens), completed_at=int(time.time()),
+                             incomplete_details={"reason": incomplete} if incomplete else None)
+        if reason == "timeout":
+            self.response["end_reason"] = "timeout"  # extension: what the enum cannot say
+        self._event(event, response=self.response)
+        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
+
+    def fail(self, message: str, completion_tokens: int) -> None:
+        self._close_item()
+        self.response.update(status="failed", usage=self.usage(completion_tokens),
+                             error={"code": "server_error", "message": message})
+        self._event("response.failed", response=self.response)
+        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": min(self.counts.reasoning, completion_tokens)},
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _open_item(self, kind: str) -> None:
+        if kind == "reasoning":
+            self.item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "status": "in_progress",
+                         "content": [{"type": "reasoning_text", "text": ""}]}
+        else:
+            self.item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+                         "status": "in_progress", "content": []}
+        self.response["output"].append(self.item)
+        self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=self.item)
+        if kind == "message":
+            self.item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            self._event("response.content_part.added", **self._where(), part=self.item["content"][0])
+
+    def _close_item(self) -> None:
+        item = self.item
+        if item is None:
+            return
+        text = item["content"][0]["text"]
+        if item["type"] == "reasoning":
+            self._event("response.reasoning_text.done", **self._where(), text=text)
+        else:
+            self._event("response.output_text.done", **self._where(), text=text, logprobs=[])
+            self._event("response.content_part.done", **self._where(), part=item["content"][0])
+        item["status"] = "completed"
+        self._event("response.output_item.done", output_index=self._where()["output_index"], item=item)
+        self.item = None
+
+    def _where(self) -> dict:
+        return {"item_id": self.item["id"], "output_index": self.response["output"].index(self.item),
+                "content_index": 0}
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self.log.append(dumps({"type": kind, "sequence_number": self.sequence, **fields}))
+        self.sequence += 1
+
+    def _close(self, outcome: Outcome) -> None:
+        self.log.append("[DONE]")
+        self.log.finish(outcome)
+        self.on_close(outcome)
+
+
+def response_from_events(events: list[str]) -> dict | None:
+    """The Response that a log of Responses events adds up to (after a restart, when no
+    shaper holds it). An error event that ended the log early (a crash, a failed store)
+    makes it `failed` with that error's code."""
+    response = None
+    for data in events:
+        if data == "[DONE]":
+            continue
+        event = json.loads(data)
+        if "response" in event:
+            response = event["response"]
+        elif "error" in event and response is not None:
+            response.update(status="failed", error={"code": event["error"]["code"],
+                                                    "message": event["error"]["message"]})
+        elif response is not None:
+            fold_output_event(response["output"], event)
+    return response
+
+
+def fold_output_event(output: list[dict], event: dict) -> None:
+    kind = event.get("type")
+    if kind == "response.output_item.added":
+        output.append(event["item"])
+    elif kind == "response.output_item.done":
+        output[event["output_index"]] = event["item"]
+    elif kind == "response.content_part.added":
+        output[event["output_index"]]["content"].append(event["part"])
+    elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+        output[event["output_index"]]["content"][event["content_index"]]["text"] += event["delta"]
+
+
+def response_output_text(response: dict) -> str:
+    """The answer of a response, as the next turn's assistant message (reasoning is not fed back)."""
+    return "".join(part.get("text", "") for item in response["output"] if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -1781,6 +2065,7 @@ class SQLiteWriter:
     CREATE TABLE IF NOT EXISTS events (
         session_id TEXT, idx INTEGER, data TEXT, PRIMARY KEY (session_id, idx)) WITHOUT ROWID;
     """
+    MIGRATIONS = ("ALTER TABLE sessions ADD COLUMN meta TEXT",)  # a database from before the column
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1789,6 +2074,9 @@ class SQLiteWriter:
         self.read_lock = threading.Lock()
         self.reader = self._connect()
         self.reader.executescript(self.SCHEMA)
+        columns = {row[1] for row in self.reader.execute("PRAGMA table_info(sessions)")}
+        if "meta" not in columns:
+            self.reader.execute(self.MIGRATIONS[0])
         self.failed: weakref.WeakSet[SessionLog] = weakref.WeakSet()  # writer thread only
         self.failing = False  # an outage is under way (logged once)
         self.thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
@@ -1920,23 +2208,23 @@ class SQLiteSessionLog(SessionLog):
         return [Event(i, d) for i, d in rows]
 
 
-def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> SQLiteSessionLog | None:
+def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> tuple[SQLiteSessionLog, dict] | None:
     """A session read back from SQLite (its events stay on disk until read).
 
     One still `in_progress` there is not generating in this process (those are in
     memory), so it died with an earlier one; if closing it at startup failed too (disk
     full), it reads as interrupted anyway, never as running forever.
     """
-    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, finished FROM sessions "
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta FROM sessions "
                         "WHERE id=?", (session_id,))
     if not rows:
         return None
-    status, reason, prompt, completion, _ = rows[0]
+    status, reason, prompt, completion, meta = rows[0]
     last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
     log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
                            outcome=Outcome(status, reason, prompt or 0, completion or 0))
     log.visible = log.next_index - 1
-    return log
+    return log, json.loads(meta or "{}")
 
 
 def close_interrupted(writer: SQLiteWriter) -> int:
@@ -1966,6 +2254,7 @@ class Session:
     id: str  # what the client named it: SSE ids are `<id>:<index>`
     log: SessionLog
     key: str = ""  # store_key(owner, id)
+    meta: dict = field(default_factory=dict)  # kind ("chat" or "response") and what another turn needs
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     listeners: int = 0
@@ -1991,7 +2280,14 @@ class Session:
         if self.listeners == 0:
             self.arm_auto_cancel(cancel_after)
 
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "chat")
+
     def arm_auto_cancel(self, cancel_after: float) -> None:
+        """Background responses run to the end unless cancelled: no timer for them."""
+        if self.meta.get("background"):
+            return
         if cancel_after > 0 and not self.done.is_set() and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(cancel_after, self._auto_cancel)
 
@@ -2021,7 +2317,7 @@ class SessionRegistry:
         self.settings, self.writer = settings, writer
         self.sessions: dict[str, Session] = {}
 
-    async def create(self, session_id: str | None, owner: str = "") -> Session:
+    async def create(self, session_id: str | None, owner: str = "", meta: dict | None = None) -> Session:
         """Reserve an id before any slow work, so two requests cannot both claim it.
 
         The disk lookup comes first (off the loop); the memory check and the insert then
@@ -2036,12 +2332,12 @@ class SessionRegistry:
             raise SessionExists(f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
                                 param="session_id")
         self._make_room()
-        session = Session(session_id, self._new_log(key), key=key)
+        session = Session(session_id, self._new_log(key), key=key, meta=meta or {})
         self.sessions[key] = session
         if self.writer:
             try:
-                await self.writer.write("INSERT INTO sessions (id, created, status) VALUES (?, ?, 'in_progress')",
-                                        (key, time.time()), session.log)
+                await self.writer.write("INSERT INTO sessions (id, created, status, meta) VALUES (?, ?, 'in_progress', ?)",
+                                        (key, time.time(), dumps(session.meta)), session.log)
             except StoreUnavailable:
                 self.sessions.pop(key, None)
                 raise
@@ -2075,15 +2371,24 @@ class SessionRegistry:
         key = store_key(owner, session_id)
         session = self.sessions.get(key)
         if session is None and self.writer:
-            log = await asyncio.to_thread(load_persisted, self.writer, key, self.settings.buffer_events)
-            if log is not None:
-                session = self.sessions.setdefault(key, Session(session_id, log, key=key, finished_at=time.time()))
+            found = await asyncio.to_thread(load_persisted, self.writer, key, self.settings.buffer_events)
+            if found is not None:
+                log, meta = found
+                session = self.sessions.setdefault(key, Session(session_id, log, key=key, meta=meta,
+                                                                finished_at=time.time()))
                 if not log.closed:  # it died with an earlier process (see load_persisted)
                     log.end_early(INTERRUPTED, "interrupted")
                 session.done.set()
         if session is None:
             raise SessionNotFound(f"Session '{session_id}' not found.")
         return session
+
+    def delete(self, session: Session) -> None:
+        """Forget a session in memory and on disk (its generation must have ended)."""
+        self.sessions.pop(session.key, None)
+        if self.writer:
+            self.writer.submit("DELETE FROM events WHERE session_id=?", (session.key,))
+            self.writer.submit("DELETE FROM sessions WHERE id=?", (session.key,))
 
     def expire(self) -> None:
         cutoff = time.time() - self.settings.sessions_ttl_seconds
@@ -2151,7 +2456,7 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
         try:
             async for event in session.log.follow(after):
                 first = event.index == after + 1
-                yield {"id": f"{session.id}:{event.index}", "data": event.data, "retry": SSE_RETRY_MS if first else None}
+                yield sse_event(session, event, retry=SSE_RETRY_MS if first else None)
         except EventsGone:  # this reader fell a whole buffer behind; a reconnect gets 410
             logger.warning("session %s reader fell behind the ring buffer", session.id)
         finally:
@@ -2164,6 +2469,15 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
 
 
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def sse_event(session: Session, event: Event, retry: int | None) -> dict:
+    """Chat events are `id: <session>:<index>`; Responses events are `id: <sequence_number>`
+    (= index) with `event: <type>`, as OpenAI sends them."""
+    if session.kind != "response":
+        return {"id": f"{session.id}:{event.index}", "data": event.data, "retry": retry}
+    kind = event.data[9:event.data.find('"', 9)] if event.data.startswith('{"type":"') else None
+    return {"id": str(event.index), "event": kind, "data": event.data, "retry": retry}
 
 
 async def read_json(request: Request) -> dict:
@@ -2195,8 +2509,20 @@ def close_session(state: AppState, session: Session, outcome: Outcome) -> None:
     session.close(outcome)
 
 
-async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
-    """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool."""
+def chat_shaper(state: AppState, req: ChatCompletionRequest, session: Session, prompt_tokens: int, dropped: int,
+                counts: TokenCounts) -> ChatChunkShaper:
+    return ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
+                           bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
+
+
+def responses_shaper(state: AppState, response: dict, session: Session, prompt_tokens: int, dropped: int,
+                     counts: TokenCounts) -> ResponsesShaper:
+    return ResponsesShaper(session.log, partial(close_session, state, session), response, prompt_tokens, counts)
+
+
+async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session, make_sink: Callable) -> Job:
+    """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool;
+    `make_sink(session, prompt_tokens, dropped, counts)` shapes the events (chat or Responses)."""
     refuse_control_tokens(req, state.models.control_tokens)
     messages = await load_media(req, state.settings)
     prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
@@ -2204,15 +2530,17 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.vocab_size)
-    shaper = ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
-                             bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
+    counts = TokenCounts()
+    shaper = make_sink(session, prompt_tokens, dropped, counts)
     shaper.start()
     return Job(session.id, inputs, params, shaper, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN),
-               prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started)
+               prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started, counts=counts)
 
 
-async def start_session(state: AppState, req: ChatCompletionRequest, owner: str) -> Session:
-    """Admit, reserve the id, prepare and submit; every refusal comes before media is decoded."""
+async def start_session(state: AppState, req: ChatCompletionRequest, owner: str, *, session_id: str | None = None,
+                        meta: dict | None = None, make_sink: Callable | None = None) -> Session:
+    """Admit, reserve the id, prepare and submit; every refusal comes before media is decoded.
+    Chat by default; the Responses API passes its id, meta and shaper factory."""
     if state.shutting_down:
         raise ShuttingDown("The server is shutting down.", retry_after=10)
     check_media_counts(req, state.settings)
@@ -2220,8 +2548,8 @@ async def start_session(state: AppState, req: ChatCompletionRequest, owner: str)
     session = None
     try:
         await state.models.ensure_loaded()
-        session = await state.sessions.create(req.session_id, owner)
-        job = await prepare_job(state, req, session)
+        session = await state.sessions.create(session_id or req.session_id, owner, meta)
+        job = await prepare_job(state, req, session, make_sink or partial(chat_shaper, state, req))
     except BaseException:
         state.worker.release()
         if session is not None:
@@ -2257,7 +2585,7 @@ async def completion_body(state: AppState, session: Session) -> dict:
         raise EventsGone("This session's events are no longer kept.") from None
     outcome = session.log.outcome
     if not session.log.closed and session.job is not None:  # usage so far, not 0/0/0
-        outcome = Outcome(outcome.status, None, session.job.prompt_tokens, session.job.generated)
+        outcome = Outcome(outcome.status, None, session.job.prompt_tokens, session.job.counts.generated)
     return chat_completion_body([e.data for e in events], outcome, session.id, session.created,
                                 state.settings.model_name)
 
@@ -2360,12 +2688,137 @@ async def get_completion(request: Request, session_id: str, stream: bool = False
 async def cancel(request: Request, session_id: str) -> dict:
     state = state_of(request)
     session = await state.sessions.get(session_id, owner_of(request))
-    if not session.done.is_set():
-        logger.info("session %s cancel requested", session_id)
-        session.cancel("manual")
-        if session.job is None or not state.worker.cancel_waiting(session.job):
-            await wait_briefly(session.done, 5.0)
+    await stop_session(state, session)
     return {"id": session_id, "object": "session", "status": session.log.outcome.status}
+
+
+async def stop_session(state: AppState, session: Session) -> None:
+    """Cancel a running generation and wait (briefly) until it has ended, so a read right
+    after sees the final status; nothing to do for a finished one."""
+    if session.done.is_set():
+        return
+    logger.info("session %s cancel requested", session.id)
+    session.cancel("manual")
+    if session.job is None or not state.worker.cancel_waiting(session.job):
+        await wait_briefly(session.done, 5.0)
+
+
+async def response_session(state: AppState, response_id: str, owner: str) -> Session:
+    """A stored response of this key's, or 404 (chat sessions and unstored ones are not responses)."""
+    session = await state.sessions.get(response_id, owner)
+    if session.kind != "response" or (session.done.is_set() and session.meta.get("store") is False):
+        raise SessionNotFound(f"Response '{response_id}' not found.")
+    return session
+
+
+async def response_snapshot(session: Session) -> dict:
+    """The Response as it stands: the live shaper's while this process holds it, else
+    what its events add up to (after a restart)."""
+    if session.job is not None and isinstance(session.job.sink, ResponsesShaper):
+        return session.job.sink.response
+    response = response_from_events([e.data for e in await session.log.read(-1)])
+    if response is None:
+        raise EventsGone("This response's events are no longer kept.")
+    return response
+
+
+async def response_history(state: AppState, previous_id: str | None, owner: str) -> list[dict]:
+    """The chat turns of a previous response (its input and answer, without its reasoning)."""
+    if previous_id is None:
+        return []
+    try:
+        previous = await response_session(state, previous_id, owner)
+    except SessionNotFound:
+        raise SessionNotFound(f"Previous response '{previous_id}' not found.", param="previous_response_id") from None
+    if not previous.done.is_set():
+        raise invalid("The previous response is still in progress.", "previous_response_id", "invalid_value")
+    answer = response_output_text(await response_snapshot(previous))
+    return previous.meta.get("messages", []) + [{"role": "assistant", "content": answer}]
+
+
+def response_cursor(request: Request, starting_after: int | None) -> int:
+    """Where a Responses stream resumes: starting_after, else Last-Event-ID, else from 0."""
+    if starting_after is not None:
+        after = starting_after
+    else:
+        raw = request.headers.get("last-event-id", "-1").strip()
+        if not re.fullmatch(r"-?\d{1,18}", raw):
+            raise invalid("Last-Event-ID must be a sequence number.", "Last-Event-ID", "invalid_last_event_id")
+        after = int(raw)
+    if after < -1:
+        raise invalid("starting_after must be -1 or more.", "starting_after", "invalid_value")
+    return after
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request) -> Any:
+    state, owner = state_of(request), owner_of(request)
+    req = validate_request(await read_json(request), ResponsesRequest)
+    refuse_unsupported_response(req)
+    history = await response_history(state, req.previous_response_id, owner)
+    chat = chat_request_of(req, history)
+    refuse_unsupported(chat)
+    response_id = f"resp_{uuid.uuid4().hex}"
+    response = new_response(response_id, req, state.settings.model_name)
+    meta = {"kind": "response", "background": bool(req.background), "store": req.store is not False,
+            "messages": history + response_input_messages(req), "input_items": input_items(req)}
+    session = await start_session(state, chat, owner, session_id=response_id, meta=meta,
+                                  make_sink=partial(responses_shaper, state, response))
+    if req.stream:
+        return sse_response(state, session, -1)
+    if req.background:
+        return JSONResponse(response)
+    session.attach()
+    try:
+        await session.done.wait()
+        await session.log.wait_drained()
+    finally:
+        session.detach(state.settings.cancel_after_disconnect_seconds)
+    if response["status"] == "failed":
+        raise GenerationFailed((response.get("error") or {}).get("message", "Generation failed."))
+    return JSONResponse(response)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(request: Request, response_id: str, stream: bool = False,
+                       starting_after: int | None = None) -> Any:
+    state = state_of(request)
+    session = await response_session(state, response_id, owner_of(request))
+    if not stream:
+        return JSONResponse(await response_snapshot(session))
+    after = response_cursor(request, starting_after)
+    logger.info("response %s stream after %d", response_id, after)
+    state.metrics.resumes.inc()
+    if session.log.drained and after == session.log.next_index - 1:
+        return Response(status_code=204)
+    return sse_response(state, session, after)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str) -> Any:
+    """Idempotent: a finished response comes back unchanged."""
+    state = state_of(request)
+    session = await response_session(state, response_id, owner_of(request))
+    await stop_session(state, session)
+    return JSONResponse(await response_snapshot(session))
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> dict:
+    state = state_of(request)
+    session = await response_session(state, response_id, owner_of(request))
+    await stop_session(state, session)
+    state.sessions.delete(session)
+    logger.info("response %s deleted", response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(request: Request, response_id: str) -> dict:
+    session = await response_session(state_of(request), response_id, owner_of(request))
+    items = session.meta.get("input_items", [])
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": False}
 
 
 # Domain errors to (status, type, code): the one place the engine's refusals meet HTTP.
