@@ -861,7 +861,7 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
 def refuse_control_tokens(req: ChatCompletionRequest, control: tuple[str, ...]) -> None:
     """Text is text: a message may not spell a control token (`<|im_start|>`, `<|image_pad|>`...),
     which the tokenizer would turn into the real token (a forged turn, or a vision
-    placeholder without its image). Refused, not escaped: no rewrite of what was asked."""
+    placeholder without its image). Refused, not escaped: no rewrite of what was asked (D38)."""
     for i, message in enumerate(req.messages):
         parts = [message.content] if isinstance(message.content, str) else [
             p.text for p in message.content or [] if isinstance(p, TextPart)]
@@ -901,7 +901,7 @@ class ModelManager:
     async def ensure_loaded(self) -> None:
         """Ready, or wait for the first load; once a load has failed, answer at once (a retry
         runs in the background every RETRY_AFTER_FAILURE_SECONDS) instead of making every
-        request wait out another slow failure."""
+        request wait out another slow failure (D40)."""
         if self.state == "ready":
             return
         if self.state in ("error", "loading") and self._failed_at:
@@ -1769,7 +1769,7 @@ RESPONSE_ENDINGS = {
 
 
 class ResponsesShaper:
-    """A GenerationSink that writes Responses API stream events and `[DONE]` to a log.
+    """A GenerationSink that writes Responses API stream events and `[DONE]` to a log (D37).
 
     Each event's sequence_number is its index in the log (both start at 0 with
     response.created), so `starting_after=N`, `Last-Event-ID: N` and the SSE id agree.
@@ -2573,7 +2573,7 @@ async def resume(state: AppState, session_id: str | None, point: tuple[str, int]
     logger.info("session %s resume after %d", sid, after)
     state.metrics.resumes.inc()
     if session.log.drained and after == session.log.next_index - 1:
-        # nothing will ever follow [DONE]: 204 is how the HTML spec tells EventSource to stop
+        # nothing will ever follow [DONE]: 204 is how the HTML spec tells EventSource to stop (D39)
         return Response(status_code=204, headers={"X-Session-Id": session.id})
     return sse_response(state, session, after)
 
@@ -2863,7 +2863,7 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     rid = request_id_var.get()
     logger.exception("request %s failed", rid)
     # Connection: close, since Starlette re-raises after this answer and uvicorn then drops
-    # the connection: a keep-alive client must not send its next request into it
+    # the connection: a keep-alive client must not send its next request into it (D42)
     return JSONResponse(error_body(f"Internal server error (request id {rid}).", "server_error", None,
                                    "internal_error"), 500, headers={"Connection": "close"})
 
@@ -2954,7 +2954,7 @@ class APIKeyMiddleware:
     """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route and the API docs when
     API_KEY is set; the matching key's digest becomes the request's session owner."""
 
-    PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")
+    PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")  # the docs too (D41)
 
     def __init__(self, app, keys: list[str]):
         self.app, self.keys = app, [k.encode() for k in keys]
