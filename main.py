@@ -91,6 +91,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 from transformers.video_utils import VideoMetadata
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger("qwen3vl_server")
 
@@ -178,6 +179,10 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive comments.")
     sse_send_timeout_seconds: float = Field(
         30.0, gt=0, description="A client that accepts no bytes this long is dropped.")
+    request_head_timeout_seconds: float = Field(
+        10.0, gt=0, description="A connection that has not sent a whole request head this long is closed.")
+    request_body_timeout_seconds: float = Field(
+        60.0, gt=0, description="A request body that has not all arrived this long gets 408.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -2907,14 +2912,16 @@ async def send_error(send, status: int, body: dict, headers: list[tuple[bytes, b
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI: 413 for bodies over MAX_REQUEST_BYTES, by Content-Length or counted as they stream.
+    """Pure ASGI: 413 for bodies over MAX_REQUEST_BYTES, by Content-Length or counted as they
+    stream, and 408 for a body that has not all arrived within REQUEST_BODY_TIMEOUT_SECONDS
+    (a client dripping bytes holds a connection and its buffer otherwise).
 
     The body is buffered here and replayed to the app; later receive() calls pass through,
     so SSE responses still see the client's disconnect.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -2922,17 +2929,29 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
+        try:
+            async with asyncio.timeout(self.timeout):
+                body = await self._read(receive)
+        except TimeoutError:
+            return await send_error(send, 408, error_body(
+                f"The request body did not arrive within {self.timeout:g} s.", "invalid_request_error", None,
+                "request_timeout"), [(b"connection", b"close")])
+        if body is None:
+            return await self._refuse(send)
+        await self.app(scope, replay([body], receive), send)
+
+    async def _read(self, receive) -> dict | None:
+        """The whole body as one message (or the message that ended it); None when over the limit."""
         chunks, size, message = [], 0, {"more_body": True}
         while message.get("more_body"):
             message = await receive()
             if message["type"] != "http.request":
-                return await self.app(scope, replay([message], receive), send)
+                return message
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._refuse(send)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, replay([body], receive), send)
+                return None
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _refuse(self, send) -> None:
         await send_error(send, 413, error_body(f"The request body is larger than {self.limit} bytes.",
@@ -3087,7 +3106,8 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
     """Outermost last: CORS answers preflights, then metrics, request ids, body limit, API keys."""
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_key)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes,
+                       timeout=settings.request_body_timeout_seconds)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if settings.cors_allow_origins:
@@ -3113,6 +3133,37 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head: uvicorn has none, so a
+    client sending half a header held its connection (and a file descriptor) forever."""
+
+    head_timeout = 10.0  # set from REQUEST_HEAD_TIMEOUT_SECONDS in __main__
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self.head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle and self.head_timer is not None:  # a whole head arrived
+            self.head_timer.cancel()
+            self.head_timer = None
+        elif self.cycle is None or self.cycle.response_complete:
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn that tells the app the moment it starts exiting (SIGINT/SIGTERM), so
     generations that no stream is reading (non-streamed requests) stop as well."""
@@ -3132,5 +3183,7 @@ app = create_app()
 
 if __name__ == "__main__":
     settings = app.state.settings
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    HeadDeadlineProtocol.head_timeout = settings.request_head_timeout_seconds
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            http=HeadDeadlineProtocol)
     GracefulServer(config, app).run()
