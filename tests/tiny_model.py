@@ -3,7 +3,8 @@
 The Hub is unreachable here, so tests and benchmarks use this instead of
 Qwen/Qwen3-VL-2B-Thinking. It has the real architecture (vision tower, M-RoPE,
 deepstack), real Qwen3-VL processors, a small BPE tokenizer carrying the Qwen
-special tokens, and a chat template whose generation prompt ends in "<think>\\n".
+special tokens, and a chat template (tools included) whose generation prompt ends in
+"<think>\\n".
 
 Run as a script to build one: `python tests/tiny_model.py DIR`.
 """
@@ -21,18 +22,96 @@ SPECIAL_TOKENS = [
 # survive skip_special_tokens=True when the output is decoded.
 THINK_TOKENS = ["<think>", "</think>"]
 
-# A reduced Qwen3-VL Thinking template: system/user/assistant turns, image and video
-# parts as vision placeholders, and a generation prompt that opens the think block.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
+# A reduced Qwen3-VL Thinking template, rendering what Qwen3-VL's Thinking template renders
+# (compared with the published template of Qwen3-VL-235B-A22B-Thinking, two copies):
+# - tools: the system turn gets the system message, a blank line, then "# Tools" with the
+#   function signatures one JSON object a line inside `<tools></tools>`, and the
+#   `<tool_call>` instructions;
+# - an assistant turn's `tool_calls` become `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
+#   blocks, "\n" before each one except a first one with no content before it;
+#   `arguments` given as a string (OpenAI clients send a string) are written verbatim;
+# - `tool` messages become one user turn per run of consecutive tool messages, each as
+#   `\n<tool_response>\n...\n</tool_response>`;
+# - assistant turns after the last real user query (the running tool loop) keep their
+#   reasoning as `<think>\n...\n</think>\n\n`; earlier ones are rendered without it;
+# - the generation prompt always opens `<think>`: there is no `enable_thinking` switch.
+# Without tools it renders exactly what the earlier tools-less tiny template rendered
+# (tests/test_template.py). Kept from that template instead of Qwen's: content parts as
+# {"type": "image" | "video" | "text"}, no "Picture N:" labels. One divergence on purpose:
+# `content: null` renders as "" (Qwen's macro fails on None; main.py turns None into ""
+# before rendering, for the real template).
+CHAT_TEMPLATE_WITH_TOOLS = """\
+{%- macro render_content(content) -%}
+    {%- if content is none -%}
+    {%- elif content is string -%}{{ content }}
+    {%- else -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>
+            {%- elif part['type'] == 'video' -%}<|vision_start|><|video_pad|><|vision_end|>
+            {%- elif part['type'] == 'text' -%}{{ part['text'] }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if tools -%}
+    {{- '<|im_start|>system\\n' -}}
+    {%- if messages[0]['role'] == 'system' -%}{{- render_content(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}
+    {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
+    {%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
+        'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'
+        '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}
+{%- elif messages[0]['role'] == 'system' -%}
+    {{- '<|im_start|>system\\n' + render_content(messages[0]['content']) + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) -%}
+{%- for message in messages[::-1] -%}
+    {%- set index = (messages|length - 1) - loop.index0 -%}
+    {%- if ns.multi_step_tool and message['role'] == 'user' -%}
+        {%- set text = render_content(message['content']) -%}
+        {%- if not (text.startswith('<tool_response>') and text.endswith('</tool_response>')) -%}
+            {%- set ns.multi_step_tool = false -%}
+            {%- set ns.last_query_index = index -%}
+        {%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- for message in messages -%}
+    {%- set content = render_content(message['content']) -%}
+    {%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) -%}
+        {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {%- set reasoning = '' -%}
+        {%- if message['reasoning_content'] is string -%}
+            {%- set reasoning = message['reasoning_content'] -%}
+        {%- elif '</think>' in content -%}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+        {%- endif -%}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) -%}
+            {{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' -}}
+            {{- content.lstrip('\\n') -}}
+        {%- else -%}
+            {{- '<|im_start|>assistant\\n' + content -}}
+        {%- endif -%}
+        {%- for call in message['tool_calls'] or [] -%}
+            {%- if not loop.first or content -%}{{- '\\n' -}}{%- endif -%}
+            {%- set call = call['function'] if call['function'] is defined else call -%}
+            {{- '<tool_call>\\n{"name": "' + call['name'] + '", "arguments": ' -}}
+            {%- if call['arguments'] is string -%}{{- call['arguments'] -}}
+            {%- else -%}{{- call['arguments'] | tojson -}}
+            {%- endif -%}
+            {{- '}\\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\\n' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}
+        {%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}
+"""
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -103,7 +182,7 @@ def build(out_dir: str | Path) -> Path:
         image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, size=pixels,
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3),
         video_processor=Qwen3VLVideoProcessor(size=pixels),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE_WITH_TOOLS,
     )
     processor.save_pretrained(out)
     return out
