@@ -332,10 +332,53 @@ class VideoPart(BaseModel):
 ContentPart = TextPart | ImagePart | VideoPart
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends the JSON text; an object is accepted too
+
+
+class ToolCall(BaseModel):
+    """A call an assistant turn made, as the client sends its history back."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns
+    reasoning_content: str | None = None  # an assistant turn's reasoning (the template keeps it in a tool loop)
+    reasoning: str | None = None  # the same, under the other name this server sends it as
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule; names are also written into grammars
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema; none means the function takes no arguments
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -364,9 +407,10 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # Known OpenAI fields this server cannot honour yet: refused, never ignored.
-    tools: list | None = None
-    tool_choice: Any = None
     functions: list | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -392,16 +436,32 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """A known field we cannot honour is a 400 naming it, never silently ignored."""
     if req.n != 1:
         raise invalid("Only n=1 is supported.", "n", "unsupported_parameter")
-    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+    for name in ("functions", "logprobs", "top_logprobs"):
         if getattr(req, name):
             raise invalid(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
-    if req.tool_choice not in (None, "none"):
-        raise invalid("'tool_choice' is not supported by this server.", "tool_choice", "unsupported_parameter")
+    check_tool_choice(req)
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise invalid("Only response_format type 'text' is supported.", "response_format", "unsupported_parameter")
     for i, message in enumerate(req.messages):
         if message.role == "user" and not message.content:
             raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
+
+
+def check_tool_choice(req: ChatCompletionRequest) -> None:
+    """A forced call must be possible: "required" needs a tool, a named one must be in tools."""
+    names = [tool.function.name for tool in req.tools or []]
+    if req.tool_choice == "required" and not names:
+        raise invalid("tool_choice 'required' needs at least one tool.", "tool_choice", "invalid_value")
+    if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
+        raise invalid(f"tool_choice names the function '{req.tool_choice.function.name}', which is not in tools.",
+                      "tool_choice", "invalid_value")
+
+
+def template_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    """The tools the chat template shows the model; none with tool_choice "none" (D52)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in req.tools]
 
 
 def validate_request(body: dict, schema: type[BaseModel] = ChatCompletionRequest) -> Any:
@@ -728,6 +788,7 @@ class PromptMessage:
 
     role: str
     content: str | list[dict]
+    extra: dict = field(default_factory=dict)  # tool_calls, tool_call_id, reasoning_content, for the template
     fetched: list[tuple[str, bytes, str]] = field(default_factory=list)  # (kind, bytes, param), in order
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
@@ -751,14 +812,28 @@ async def load_media(req: ChatCompletionRequest, settings: Settings) -> list[Pro
     out = []
     for i, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
-        if not isinstance(message.content, list):
-            out.append(PromptMessage(role, message.content or ""))
+        if not isinstance(message.content, list):  # null content (an assistant turn that only calls) is ""
+            out.append(PromptMessage(role, message.content or "", template_extra(message)))
             continue
-        prompt = PromptMessage(role, [])
+        prompt = PromptMessage(role, [], template_extra(message))
         for j, part in enumerate(message.content):
             await load_part(part, prompt, settings, f"messages.{i}.content.{j}")
         out.append(prompt)
     return out
+
+
+def template_extra(message: Message) -> dict:
+    """What a message gives the chat template besides role and content, in the names Qwen's
+    template reads: an assistant turn's calls and reasoning, a tool turn's call id."""
+    extra: dict[str, Any] = {}
+    if message.tool_calls:
+        extra["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        extra["tool_call_id"] = message.tool_call_id
+    reasoning = message.reasoning_content or message.reasoning
+    if reasoning and message.role == "assistant":
+        extra["reasoning_content"] = reasoning
+    return extra
 
 
 async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings, param: str) -> None:
@@ -795,10 +870,10 @@ async def off_loop(fn: Callable, *args) -> Any:
     return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), partial(fn, *args))
 
 
-def tokenize(processor, messages: list[PromptMessage]):
-    """(prompt text, processor inputs) for the messages and their media, in order."""
-    prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                           tokenize=False, add_generation_prompt=True)
+def tokenize(processor, messages: list[PromptMessage], tools: list[dict] | None = None):
+    """(prompt text, processor inputs) for the messages, their media and the tools, in order."""
+    prompt = processor.apply_chat_template([{"role": m.role, "content": m.content, **m.extra} for m in messages],
+                                           tools=tools, tokenize=False, add_generation_prompt=True)
     images = [image for m in messages for image in m.images]
     videos = [video for m in messages for video in m.videos]
     kwargs = {}
@@ -808,14 +883,15 @@ def tokenize(processor, messages: list[PromptMessage]):
                              **kwargs)
 
 
-def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int):
+def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int,
+                 tools: list[dict] | None = None):
     """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
     drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
     for message in messages:
         message.decode(settings)
     dropped = 0
     while True:
-        prompt, inputs = tokenize(processor, messages)
+        prompt, inputs = tokenize(processor, messages, tools)
         tokens = int(inputs["input_ids"].shape[1])
         if tokens < context:
             return prompt, inputs, dropped
@@ -866,15 +942,29 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
 def refuse_control_tokens(req: ChatCompletionRequest, control: tuple[str, ...]) -> None:
     """Text is text: a message may not spell a control token (`<|im_start|>`, `<|image_pad|>`...),
     which the tokenizer would turn into the real token (a forged turn, or a vision
-    placeholder without its image). Refused, not escaped: no rewrite of what was asked (D38)."""
+    placeholder without its image). Refused, not escaped: no rewrite of what was asked (D38).
+    Tool definitions, calls and reasoning in the history are written verbatim too (D58)."""
     for i, message in enumerate(req.messages):
-        parts = [message.content] if isinstance(message.content, str) else [
-            p.text for p in message.content or [] if isinstance(p, TextPart)]
-        for text in parts:
+        for text in message_texts(message):
             found = next((token for token in control if token in text), None)
             if found:
                 raise invalid(f"Message text may not contain the control token {found}.", f"messages.{i}.content",
                               "invalid_value")
+    tools = json.dumps(template_tools(req) or [], ensure_ascii=False)  # the template writes them as JSON
+    found = next((token for token in control if token in tools), None)
+    if found:
+        raise invalid(f"Tool definitions may not contain the control token {found}.", "tools", "invalid_value")
+
+
+def message_texts(message: Message) -> list[str]:
+    """Every text of a message that the template writes into the prompt verbatim."""
+    texts = [message.content] if isinstance(message.content, str) else [
+        p.text for p in message.content or [] if isinstance(p, TextPart)]
+    texts += [text for text in (message.reasoning_content, message.reasoning) if text]
+    for call in message.tool_calls or []:
+        arguments = call.function.arguments
+        texts += [call.function.name, arguments if isinstance(arguments, str) else json.dumps(arguments)]
+    return texts
 
 
 def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
@@ -2531,7 +2621,7 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     refuse_control_tokens(req, state.models.control_tokens)
     messages = await load_media(req, state.settings)
     prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
-                                             state.models.context_length)
+                                             state.models.context_length, template_tools(req))
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.vocab_size)

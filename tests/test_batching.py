@@ -154,8 +154,8 @@ def test_row_whose_media_fails_late_fails_alone(batched, monkeypatch):
     """Corrupt one request's vision grid after preprocessing: the real vision tower rejects it in prefill."""
     original = main.tokenize
 
-    def corrupting(processor, messages):
-        prompt, inputs = original(processor, messages)
+    def corrupting(processor, messages, *rest):
+        prompt, inputs = original(processor, messages, *rest)
         if "CORRUPT" in prompt:
             inputs["image_grid_thw"] = inputs["image_grid_thw"] * 3
         return prompt, inputs
