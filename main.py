@@ -5,6 +5,11 @@ What it promises
   answers with a `chat.completion` or, with `stream: true`, SSE `chat.completion.chunk`
   events ending in `data: [DONE]`. The model's reasoning (everything before `</think>`)
   is `reasoning_content`; the answer after it is `content`.
+- `response_format` json_object / json_schema and a forced tool call (`tool_choice`
+  required or named) are enforced by constrained decoding once `</think>` has come: the
+  answer matches the schema unless max_tokens (finish_reason "length"), a stop string or
+  a cancel cuts it. `max_reasoning_tokens` / `reasoning_effort` cap the thinking:
+  `</think>` is forced, so the answer still comes.
 - Generation never depends on a client being connected. Each request becomes a
   *session*: the generation worker writes events to the session's log, HTTP responses
   only read it. A client that drops reconnects with `Last-Event-ID` and misses nothing.
@@ -32,6 +37,7 @@ define (tests/test_structure.py checks it). Decisions cited as (D<n>) are in CLA
    schemas       request bodies (pydantic)
    media         fetching (SSRF-safe), image and video decoding
    prompt        chat template, tokenizing, sampling parameters
+   constrained   grammars (response_format, forced tool calls), row masks, reasoning budget
    model         loading the model and processor
    text pipeline stop strings and the reasoning split
    metrics       Prometheus metrics
@@ -76,6 +82,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import anyio
 import av
 import httpx
+import llguidance
+import llguidance.hf
 import numpy as np
 import torch
 import uvicorn
@@ -299,6 +307,11 @@ class StoreUnavailable(DomainError):
     """The session store (SQLite, Redis) cannot take or give what is asked now."""
 
 
+class GrammarError(DomainError):
+    """A response_format schema or tool parameters that constrained decoding cannot compile;
+    param names the request field."""
+
+
 
 # ----------------------------------------------------------------------------- schemas
 
@@ -381,12 +394,37 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # none means any JSON object
+    strict: bool | None = None  # false is enforced too: the grammar can only help (D51)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+# reasoning_effort as the most reasoning tokens before `</think>` is forced (D53); None: no cap
+REASONING_EFFORT_TOKENS: dict[str, int | None] = {
+    "none": 0, "minimal": 64, "low": 256, "medium": 1024, "high": 4096, "xhigh": 16384, "max": None}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id."""
+    """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id and
+    max_reasoning_tokens."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -410,11 +448,13 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)  # wins over reasoning_effort; 0 skips thinking
     # Known OpenAI fields this server cannot honour yet: refused, never ignored.
     functions: list | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict | None = None
 
     @field_validator("logit_bias", mode="after")
     @classmethod
@@ -440,8 +480,6 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
         if getattr(req, name):
             raise invalid(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
     check_tool_choice(req)
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise invalid("Only response_format type 'text' is supported.", "response_format", "unsupported_parameter")
     for i, message in enumerate(req.messages):
         if message.role == "user" and not message.content:
             raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
@@ -915,6 +953,7 @@ class SamplingParams:
     presence_penalty: float
     frequency_penalty: float
     logit_bias: dict[int, float]
+    max_reasoning_tokens: int | None = None  # `</think>` is forced after this many (D53); None: no cap
 
     @property
     def sampler_key(self) -> tuple:
@@ -936,7 +975,14 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
         seed=req.seed, stop=req.stop,
         min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logit_bias=checked_logit_bias(req.logit_bias, vocab_size))
+        logit_bias=checked_logit_bias(req.logit_bias, vocab_size), max_reasoning_tokens=reasoning_budget(req))
+
+
+def reasoning_budget(req: ChatCompletionRequest) -> int | None:
+    """max_reasoning_tokens, else the budget of reasoning_effort (D53), else no cap."""
+    if req.max_reasoning_tokens is not None:
+        return req.max_reasoning_tokens
+    return REASONING_EFFORT_TOKENS[req.reasoning_effort] if req.reasoning_effort else None
 
 
 def refuse_control_tokens(req: ChatCompletionRequest, control: tuple[str, ...]) -> None:
@@ -974,6 +1020,256 @@ def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[i
     return bias or {}
 
 
+# ----------------------------------------------------------------------------- constrained decoding
+
+# llguidance, not xgrammar: clean refusals for a 400, added tokens (`<|im_start|>`,
+# `</think>`) never allowed inside JSON text, one grammar language (Lark with %json) for
+# answers and tool calls (D50).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+# Whitespace allowed between JSON tokens: flexible, so Qwen can pretty-print as it was
+# trained to; bounded, so a degenerate sampler cannot spend max_tokens on blank lines
+# (the known failure of "any whitespace" JSON grammars).
+JSON_WHITESPACE = r"[ \t\r\n]{0,20}"
+# Qwen writes "\n\n" between `</think>` and its answer; forcing the answer's first byte
+# right after `</think>` would push the model off what it was trained on.
+LEAD_WHITESPACE = r"/[ \t\r\n]{1,4}/"
+# OpenAI: a function without `parameters` takes none, so its arguments are exactly {}
+EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+GRAMMAR_CACHE_SIZE = 256
+PENALTY = np.array([-np.inf, 0.0], dtype=np.float32)  # bit -> score offset: banned -inf, allowed +0
+
+
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """A compiled grammar; each row gets its own copy of the prototype matcher."""
+
+    source: str  # the Lark text, which is also the cache key
+    prototype: llguidance.LLMatcher
+
+    def new_matcher(self) -> llguidance.LLMatcher:
+        return self.prototype.deep_copy()  # ~13 µs; building a matcher from source costs ~2 ms
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON that keeps key order: llguidance makes the model write properties in the
+    order the schema lists them, so schemas that differ only in order are different grammars."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def lark_literal(text: str) -> str:
+    """A Lark string literal (Lark takes JSON's escapes)."""
+    return json.dumps(text)
+
+
+def json_rule(schema: dict) -> str:
+    """`%json` embeds a JSON Schema in Lark; x-guidance carries our whitespace bound."""
+    return "%json " + canonical_json({**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}})
+
+
+def call_rules(functions: list[FunctionDefinition], parallel: bool) -> list[str]:
+    """Qwen's tool-call blocks exactly as its template renders them:
+    `<tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call>`, several separated by "\\n"."""
+    opening, closing = lark_literal(TOOL_CALL_OPEN + '\n{"name": '), lark_literal("}\n" + TOOL_CALL_CLOSE)
+    rules = ['calls: call ("\\n" call)*' if parallel else "calls: call", f"call: {opening} fn {closing}",
+             "fn: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
+    for i, fn in enumerate(functions):
+        head = lark_literal(f'"{fn.name}", "arguments": ')
+        rules.append(f"fn_{i}: {head} {json_rule(fn.parameters or EMPTY_PARAMETERS)}")
+    return rules
+
+
+def lark_grammar(answer: dict | None, functions: list[FunctionDefinition], parallel: bool) -> str:
+    """All the output after `</think>`: a JSON answer matching `answer`, tool-call blocks of
+    `functions`, or either of the two when both are given; 1-4 whitespace characters may come first."""
+    bodies = (["answer"] if answer is not None else []) + (["calls"] if functions else [])
+    rules = [f"start: LEAD? ({' | '.join(bodies)})", f"LEAD: {LEAD_WHITESPACE}"]
+    if answer is not None:
+        rules.append(f"answer: {json_rule(answer)}")
+    if functions:
+        rules += call_rules(functions, parallel)
+    return "\n".join(rules) + "\n"
+
+
+def answer_schema(req: ChatCompletionRequest) -> dict | None:
+    """The schema response_format asks the answer to match; None for text. `strict: false`
+    is enforced as well: a grammar can only make the answer match better (D51)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    return fmt.json_schema.schema_ or {"type": "object"}
+
+
+def forced_functions(req: ChatCompletionRequest) -> list[FunctionDefinition]:
+    """The functions the model must call from: the named one, or all of them with "required"."""
+    functions = [tool.function for tool in req.tools or []]
+    if req.tool_choice == "required":
+        return functions
+    if isinstance(req.tool_choice, NamedToolChoice):
+        return [fn for fn in functions if fn.name == req.tool_choice.function.name]
+    return []
+
+
+def needs_grammar(req: ChatCompletionRequest) -> bool:
+    return bool(forced_functions(req)) or answer_schema(req) is not None
+
+
+class GrammarCompiler:
+    """Request -> Grammar, with an LRU cache keyed by the grammar's Lark text (D50).
+
+    Called while the request is prepared (preprocessing pool), never on the decode thread:
+    a cold compile takes milliseconds, a cache hit microseconds, and the worker only copies
+    the prototype matcher. One per loaded model: the llguidance tokenizer takes ~2 s to
+    build at Qwen's vocabulary.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
+        # n_vocab = the logits' width (151,936 for Qwen3-VL), not len(tokenizer) (151,669):
+        # masks then cover every logit, and ids past the tokenizer are always banned
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_ids)
+        self._compile = lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._build)
+
+    def for_request(self, req: ChatCompletionRequest) -> Grammar | None:
+        """What the request decodes under: a forced call wins over response_format (D51); with
+        tool_choice auto a JSON answer may instead be tool calls. GrammarError names the param."""
+        forced = forced_functions(req)
+        if forced:  # a named function is called once; "required" may call several
+            return self.compile(lark_grammar(None, forced, req.parallel_tool_calls and req.tool_choice == "required"),
+                                "tools")
+        schema = answer_schema(req)
+        if schema is None:
+            return None
+        answer = self.compile(lark_grammar(schema, [], False), "response_format")
+        optional = [tool.function for tool in req.tools or []] if template_tools(req) else []
+        return self.compile(lark_grammar(schema, optional, req.parallel_tool_calls), "tools") if optional else answer
+
+    def compile(self, lark: str, param: str) -> Grammar:
+        try:
+            return self._compile(lark)  # lru_cache keeps successes only: a refusal is recomputed
+        except ValueError as exc:
+            raise GrammarError(f"Cannot constrain the output to this schema: {refusal_text(exc)}", param) from None
+
+    def _build(self, lark: str) -> Grammar:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        matcher = None if error else llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if error or matcher.is_error():
+            raise ValueError(error or matcher.get_error())
+        return Grammar(lark, matcher)
+
+
+def refusal_text(exc: ValueError) -> str:
+    """llguidance's reason, less the position in our Lark text and the excerpt of it that
+    follows (our grammar, not the client's schema)."""
+    first = str(exc).strip().split("\n", 1)[0]
+    return re.sub(r"^at \d+\(\d+\): ", "", first)
+
+
+def grammar_compiler(tokenizer, vocab_size: int, eos_ids: list[int]) -> GrammarCompiler | None:
+    """The model's compiler, or None (logged) for a tokenizer llguidance cannot read: the
+    server still serves text, and requests that need a grammar get a 400."""
+    try:
+        return GrammarCompiler(tokenizer, vocab_size, eos_ids)
+    except Exception as exc:  # any failure here only disables constrained decoding
+        logger.warning("constrained decoding unavailable: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def request_grammar(compiler: GrammarCompiler | None, req: ChatCompletionRequest) -> Grammar | None:
+    """The request's grammar (blocking: run it off the event loop)."""
+    if compiler is None and needs_grammar(req):
+        raise GrammarError("Constrained decoding is not available for this model's tokenizer.",
+                           "tools" if forced_functions(req) else "response_format")
+    return compiler.for_request(req) if compiler is not None else None
+
+
+def think_close_token(tokenizer) -> int | None:
+    """The id of `</think>` when it is one token (Qwen's is), else None: then neither a
+    grammar nor a budget can tell where reasoning ends, and grammars apply from the start."""
+    return tokenizer.get_vocab().get(THINK_CLOSE)
+
+
+def penalty(bitmask: np.ndarray, width: int) -> torch.Tensor:
+    """bitmask [words] int32 (bit i of word w = token 32*w + i) -> scores to add, [width]
+    float32: 0 where allowed, -inf where banned; bits past the mask are banned.
+
+    Adding is what makes it cheap on CPU: at 151,936 logits a lookup plus add_ costs
+    ~0.2 ms a row, masked_fill_ ~0.6 ms (it branches per element), and llguidance's own
+    apply_token_bitmask_inplace needs torch.compile (D54).
+    """
+    bits = np.unpackbits(bitmask.view(np.uint8), count=width, bitorder="little")
+    return torch.from_numpy(np.take(PENALTY, bits))
+
+
+def force_token(scores: torch.Tensor, token_id: int) -> None:
+    """Leave token_id the only finite score of a 1-D row (in place)."""
+    scores.fill_(float("-inf"))
+    scores[token_id] = 0.0
+
+
+class ConstraintViolation(RuntimeError):
+    """advance() got a token the grammar refuses: a bug upstream, since the mask allows only legal ones."""
+
+
+class RowConstraint:
+    """One row's grammar state. Inactive until the row closes its think block (the prompt
+    opened `<think>`, so the row's own `</think>` token ends the reasoning); then mask()
+    bans what the grammar forbids and advance() feeds it the sampled token (D51).
+
+    EOS: banned while the row thinks (an answer that never starts cannot match); then
+    allowed only where the grammar may end; once the answer is complete (`done`) it is the
+    only token left, so the row ends through the usual EOS check (D54).
+    think_close_id None: the prompt opened no think block, active from the first token.
+    """
+
+    def __init__(self, grammar: Grammar, think_close_id: int | None, eos_ids: list[int]):
+        self.matcher = grammar.new_matcher()
+        self.close_id, self.thinking = think_close_id, think_close_id is not None
+        self.eos_ids = list(eos_ids)
+
+    @property
+    def active(self) -> bool:
+        return not self.thinking
+
+    def mask(self, scores: torch.Tensor) -> None:
+        """scores: this row's [vocab] logits, masked in place."""
+        if self.thinking:
+            scores[self.eos_ids] = float("-inf")
+            return
+        bitmask = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
+        scores.add_(penalty(bitmask, scores.shape[-1]).to(scores.device, scores.dtype))
+
+    def advance(self, token: int) -> None:
+        """Raises ConstraintViolation at once, so the worker fails this row alone."""
+        if self.thinking:
+            self.thinking = token != self.close_id
+        elif not self.matcher.consume_token(token):
+            raise ConstraintViolation(self.matcher.get_error())
+
+
+class ReasoningBudget:
+    """Ends the think block after `limit` reasoning tokens: the next token is forced to
+    `</think>` (D53). Every token up to and including `</think>` counts, the forced one too,
+    so a capped row thinks limit + 1 tokens, and limit 0 skips thinking (the first token is
+    `</think>`, which renders like Qwen's empty think block). A row that closes the block
+    by itself earlier is left alone."""
+
+    def __init__(self, limit: int, think_close_id: int):
+        self.limit, self.close_id = limit, think_close_id
+        self.spent, self.open = 0, True
+
+    def mask(self, scores: torch.Tensor) -> None:
+        if self.open and self.spent >= self.limit:
+            force_token(scores, self.close_id)
+
+    def advance(self, token: int) -> None:
+        if self.open:
+            self.spent += 1
+            self.open = token != self.close_id
+
+
 # ----------------------------------------------------------------------------- model
 
 class ModelManager:
@@ -988,6 +1284,8 @@ class ModelManager:
         self.model = self.processor = None
         self.eos_ids: list[int] = []
         self.control_tokens: tuple[str, ...] = ()
+        self.grammars: GrammarCompiler | None = None
+        self.think_close_id: int | None = None
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Future | None = None
@@ -1028,6 +1326,9 @@ class ModelManager:
                 self.processor, self.model = self._from_pretrained()
                 self.eos_ids = eos_token_ids(self.model)
                 self.control_tokens = control_tokens(self.processor.tokenizer)
+                self.think_close_id = think_close_token(self.processor.tokenizer)
+                # built here, once: ~2 s at Qwen's vocabulary, too slow for a first request
+                self.grammars = grammar_compiler(self.processor.tokenizer, self.vocab_size, self.eos_ids)
             except Exception as exc:  # any loader failure is reported through /health and 503s
                 self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
                 logger.error("model load failed: %s", self.error)
@@ -1110,7 +1411,7 @@ class ReasoningSplitter:
     a template that opens nothing gets plain content unless the output starts a block.
     """
 
-    OPEN, CLOSE = "<think>", "</think>"
+    OPEN, CLOSE = THINK_OPEN, THINK_CLOSE
 
     def __init__(self, reasoning: bool):
         self.reasoning, self.held, self.closed, self.content_seen = reasoning, "", False, False
@@ -1233,6 +1534,7 @@ class Job:
     reasoning: bool  # the prompt opened a think block
     prompt_tokens: int
     cancel: threading.Event  # set by the session layer (D6): cancel belongs to the job, not the log
+    grammar: Grammar | None = None  # what the answer must match (D51); None costs nothing
     started: float = field(default_factory=time.monotonic)
     claimed: bool = False
     deadline: float = float("inf")
@@ -1346,6 +1648,8 @@ class Row:
     rope_delta: int = 0  # M-RoPE offset of this row's t/h/w positions (from its vision tokens)
     last: int = -1
     generated: int = 0
+    constraint: RowConstraint | None = None  # the job's grammar, this row's state of it
+    budget: ReasoningBudget | None = None
 
 
 class Batch:
@@ -1635,8 +1939,19 @@ class Worker:
         if p.presence_penalty or p.frequency_penalty or p.logit_bias:
             penalties = Penalties(job.prompt_tokens, p)
             ids = job.inputs["input_ids"].to(self.models.model.device)
-        return Row(job, Detokenizer(self.models.processor.tokenizer), pipeline,
-                   Stopping(job, pipeline, self.models.eos_ids), penalties, torch.Generator().manual_seed(seed), ids)
+        row = Row(job, Detokenizer(self.models.processor.tokenizer), pipeline,
+                  Stopping(job, pipeline, self.models.eos_ids), penalties, torch.Generator().manual_seed(seed), ids)
+        row.constraint, row.budget = self._controls(job)
+        return row
+
+    def _controls(self, job: Job) -> tuple[RowConstraint | None, ReasoningBudget | None]:
+        """The row's grammar state and reasoning budget; both wait for `</think>` only when the
+        prompt opened a think block (D51, D53)."""
+        close = self.models.think_close_id if job.reasoning else None
+        constraint = RowConstraint(job.grammar, close, self.models.eos_ids) if job.grammar else None
+        limit = job.params.max_reasoning_tokens
+        budget = ReasoningBudget(limit, close) if limit is not None and close is not None else None
+        return constraint, budget
 
     def _decode_step(self) -> None:
         rows = list(self.batch.rows)
@@ -1664,12 +1979,21 @@ class Worker:
         return tokens
 
     def _adjust(self, row: Row, scores: torch.Tensor) -> torch.Tensor:
-        """EOS masked until min_tokens; logit_bias and OpenAI penalties."""
-        if row.generated < row.job.params.min_tokens:
+        """EOS masked until min_tokens; logit_bias and OpenAI penalties; then the reasoning
+        budget and last the grammar, so no bias can lift a token either of them bans (D54).
+        An active grammar decides EOS alone: min_tokens would leave a finished answer no
+        legal token."""
+        if row.generated < row.job.params.min_tokens and not (row.constraint and row.constraint.active):
             scores = scores.clone()
             scores[self.models.eos_ids] = float("-inf")
         if row.penalties is not None:
             scores = row.penalties(row.ids, scores[None])[0]
+        if row.budget is not None or row.constraint is not None:
+            scores = scores.clone()  # masked in place; the logits may be a view shared with other rows
+            if row.budget is not None:
+                row.budget.mask(scores)
+            if row.constraint is not None:
+                row.constraint.mask(scores)
         return scores
 
     def _advance(self, rows: list[Row], tokens: list[int]) -> None:
@@ -1694,6 +2018,10 @@ class Worker:
         row.last = token
         if row.ids is not None:
             row.ids = torch.cat([row.ids, row.ids.new_tensor([[token]])], dim=1)
+        if row.budget is not None:
+            row.budget.advance(token)
+        if row.constraint is not None:
+            row.constraint.advance(token)  # ConstraintViolation fails this row alone (_advance)
         self._on_token(row.job, row.generated)
         if row.pipeline.split.reasoning:  # still thinking when this token came: a reasoning token
             row.job.counts.reasoning += 1
@@ -2619,6 +2947,8 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool;
     `make_sink(session, prompt_tokens, dropped, counts)` shapes the events (chat or Responses)."""
     refuse_control_tokens(req, state.models.control_tokens)
+    # compiled off the event loop, before any media is fetched; GrammarError is a 400 (D50)
+    grammar = await off_loop(request_grammar, state.models.grammars, req) if needs_grammar(req) else None
     messages = await load_media(req, state.settings)
     prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
                                              state.models.context_length, template_tools(req))
@@ -2629,7 +2959,8 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     shaper = make_sink(session, prompt_tokens, dropped, counts)
     shaper.start()
     return Job(session.id, inputs, params, shaper, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN),
-               prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started, counts=counts)
+               prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started, counts=counts,
+               grammar=grammar)
 
 
 async def start_session(state: AppState, req: ChatCompletionRequest, owner: str, *, session_id: str | None = None,
@@ -2929,6 +3260,7 @@ ERROR_TABLE: dict[type[DomainError], tuple[int, str, str]] = {
     EventsGone: (410, "invalid_request_error", "events_expired"),
     GenerationFailed: (500, "server_error", "generation_failed"),
     StoreUnavailable: (503, "server_error", "store_unavailable"),
+    GrammarError: (400, "invalid_request_error", "invalid_schema"),
 }
 
 
