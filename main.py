@@ -8,8 +8,9 @@ What it promises
 - `response_format` json_object / json_schema and a forced tool call (`tool_choice`
   required or named) are enforced by constrained decoding once `</think>` has come: the
   answer matches the schema unless max_tokens (finish_reason "length"), a stop string or
-  a cancel cuts it. `max_reasoning_tokens` / `reasoning_effort` cap the thinking:
-  `</think>` is forced, so the answer still comes.
+  a cancel cuts it. Tool calls are parsed out of the model's `<tool_call>` blocks into
+  OpenAI `tool_calls` (finish_reason "tool_calls"). `max_reasoning_tokens` /
+  `reasoning_effort` cap the thinking: `</think>` is forced, so the answer still comes.
 - Generation never depends on a client being connected. Each request becomes a
   *session*: the generation worker writes events to the session's log, HTTP responses
   only read it. A client that drops reconnects with `Last-Event-ID` and misses nothing.
@@ -39,7 +40,7 @@ define (tests/test_structure.py checks it). Decisions cited as (D<n>) are in CLA
    prompt        chat template, tokenizing, sampling parameters
    constrained   grammars (response_format, forced tool calls), row masks, reasoning budget
    model         loading the model and processor
-   text pipeline stop strings and the reasoning split
+   text pipeline stop strings, the reasoning split, tool-call parsing
    metrics       Prometheus metrics
    engine        jobs, detokenizer, stopping, penalties, batch, decode loop, outbox
    event shapers chat chunks (GenerationSink) and the non-streamed body
@@ -1450,19 +1451,258 @@ class ReasoningSplitter:
         out.append((kind, text))
 
 
+# A call's header, matched from the start of a block; it ends on the colon, so a match never
+# depends on text that has not arrived (all optional whitespace sits before a fixed character).
+TOOL_CALL_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int  # the call's place among this generation's calls, from 0
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArguments:
+    index: int
+    text: str  # the next piece of the arguments' JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    index: int
+
+
+ToolCallEvent = ToolCallStart | ToolCallArguments | ToolCallEnd
+Piece = tuple[str, Any]  # ("reasoning_content" | "content", text) or ("tool_call", ToolCallEvent)
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+class JSONValueEnd:
+    """Finds where one JSON value ends in a stream of text, without parsing it.
+
+    Leading whitespace is skipped; an object or array ends when its brackets balance, a
+    string at its closing quote, a bare number/true/false/null just before the first
+    delimiter. Brackets and quotes inside strings do not count.
+    """
+
+    def __init__(self):
+        self.depth, self.started, self.bare, self.in_string, self.escaped = 0, False, False, False, False
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(the value's text in this piece, the text after the value, or None while it goes on)."""
+        start = 0
+        for i, ch in enumerate(text):
+            if not self.started:
+                if ch.isspace():
+                    start = i + 1
+                    continue
+                self.started = True
+            end = self._step(ch)
+            if end is not None:
+                return text[start:i + end], text[i + end:]
+        return text[start:], None
+
+    def _step(self, ch: str) -> int | None:
+        """Take one character: None while the value goes on, 1 if it ends with ch, 0 if it ended before ch."""
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+                return 1 if self.depth == 0 else None
+            return None
+        if self.bare and self.depth == 0 and (ch in ",}]" or ch.isspace()):
+            return 0
+        if ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+            return 1 if self.depth == 0 else None
+        elif self.depth == 0:
+            self.bare = True
+        return None
+
+
+class ToolCallParser:
+    """Content text in, ("content", text) and ("tool_call", event) pieces out (D55).
+
+    Qwen writes each call as `<tool_call>\\n{"name": "NAME", "arguments": {...}}\\n</tool_call>`.
+    Rules, each holding for every way of cutting the text into pieces:
+    1. A call starts once `{"name": "...", "arguments":` is complete; the arguments are then
+       streamed up to their last byte (a string- and escape-aware scan finds it), and what
+       follows up to `</tool_call>` (the closing brace) is dropped.
+    2. `</tool_call>` always closes the open block, even inside unfinished arguments (as
+       vLLM's Hermes parser does): the call ends with the arguments it has.
+    3. A block whose header never matches (keys in another order) is parsed whole at
+       `</tool_call>`: a JSON object with a string name is one call; anything else goes to
+       content verbatim, tags included, so nothing the model said is lost.
+    4. At the end of generation an unclosed block is treated as if `</tool_call>` came.
+    5. Whitespace that only separates text from a block is dropped (the template puts it
+       there), so a reply that is only calls has no content; trailing whitespace of
+       content waits for the next character.
+    """
+
+    def __init__(self, new_id: Callable[[], str] = new_call_id):
+        self.new_id = new_id
+        self.state = "text"  # text -> header -> arguments -> tail -> text
+        self.held = ""  # text kept back: a possible partial tag, trailing whitespace, an unmatched header
+        self.calls = 0
+        self.after_block = False  # rule 5: whitespace right after a block is dropped
+        self.gap = ""  # rule 5: whitespace dropped before the open block, given back if it is not a call
+        self.value = JSONValueEnd()
+        self.handlers = {"text": self._text, "header": self._header, "arguments": self._arguments,
+                         "tail": self._tail}
+
+    def feed(self, text: str) -> list[Piece]:
+        out: list[Piece] = []
+        buffer, self.held = self.held + text, ""
+        while buffer:
+            buffer = self.handlers[self.state](buffer, out)
+        return out
+
+    def flush(self) -> list[Piece]:
+        """End of generation: rule 4 for an open block; held text becomes content."""
+        out: list[Piece] = []
+        held, self.held = self.held, ""
+        if self.state == "text":
+            self._content(out, held.lstrip() if self.after_block else held)
+        elif self.state == "header":
+            self._whole_block(held, out, closed=False)
+        else:
+            if self.state == "arguments" and held:
+                self._arguments_text(held, out)
+            self._end(out)
+        self.state = "text"
+        return out
+
+    # Each state handler consumes the front of the buffer and returns the rest.
+
+    def _text(self, buffer: str, out: list) -> str:
+        if self.after_block:
+            buffer = buffer.lstrip()
+        i = buffer.find(TOOL_CALL_OPEN)
+        if i >= 0:
+            text = buffer[:i].rstrip()
+            self._content(out, text)
+            self.gap, self.state = buffer[len(text):i], "header"
+            return buffer[i + len(TOOL_CALL_OPEN):]
+        keep = partial_suffix(buffer, TOOL_CALL_OPEN)
+        text = buffer[:len(buffer) - keep]
+        self._content(out, text.rstrip())
+        self.held = text[len(text.rstrip()):] + buffer[len(buffer) - keep:]
+        return ""
+
+    def _header(self, buffer: str, out: list) -> str:
+        close = buffer.find(TOOL_CALL_CLOSE)
+        match = TOOL_CALL_HEADER.match(buffer, 0, close if close >= 0 else len(buffer))
+        if match:
+            self._start(json_string(match.group(1)), out)
+            return buffer[match.end():]
+        if close >= 0:  # rule 3
+            self._whole_block(buffer[:close], out, closed=True)
+            return buffer[close + len(TOOL_CALL_CLOSE):]
+        self.held = buffer
+        return ""
+
+    def _arguments(self, buffer: str, out: list) -> str:
+        close = buffer.find(TOOL_CALL_CLOSE)
+        if close < 0:
+            keep = partial_suffix(buffer, TOOL_CALL_CLOSE)
+            self.held = buffer[len(buffer) - keep:]
+            self._arguments_text(buffer[:len(buffer) - keep], out)
+            return ""
+        self._arguments_text(buffer[:close], out)
+        self.state = "tail"  # rule 2 when the value had not ended
+        return buffer[close:]
+
+    def _tail(self, buffer: str, out: list) -> str:
+        close = buffer.find(TOOL_CALL_CLOSE)
+        if close < 0:
+            self.held = buffer[len(buffer) - partial_suffix(buffer, TOOL_CALL_CLOSE):]
+            return ""
+        self._end(out)
+        return buffer[close + len(TOOL_CALL_CLOSE):]
+
+    def _arguments_text(self, text: str, out: list) -> None:
+        value, rest = self.value.feed(text)
+        if value:
+            out.append(("tool_call", ToolCallArguments(self.calls - 1, value)))
+        if rest is not None:
+            self.state = "tail"
+
+    def _start(self, name: str, out: list) -> None:
+        out.append(("tool_call", ToolCallStart(self.calls, self.new_id(), name)))
+        self.calls += 1
+        self.value, self.state = JSONValueEnd(), "arguments"
+
+    def _end(self, out: list) -> None:
+        out.append(("tool_call", ToolCallEnd(self.calls - 1)))
+        self.state, self.after_block = "text", True
+
+    def _whole_block(self, body: str, out: list, closed: bool) -> None:
+        """Rule 3: a block parsed whole, or given back to content as it was written."""
+        try:
+            call = json.loads(body)
+        except ValueError:
+            call = None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            self._content(out, self.gap + TOOL_CALL_OPEN + body + (TOOL_CALL_CLOSE if closed else ""))
+            self.state = "text"
+            return
+        arguments = call.get("arguments", {})
+        self._start(call["name"], out)
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        out.append(("tool_call", ToolCallArguments(self.calls - 1, text)))
+        self._end(out)
+
+    def _content(self, out: list, text: str) -> None:
+        if text:
+            out.append(("content", text))
+            self.after_block = False
+
+
+def json_string(body: str) -> str:
+    """The value of a JSON string literal's body; a malformed escape is kept as written."""
+    try:
+        return json.loads(f'"{body}"')
+    except ValueError:
+        return body
+
+
 class TextPipeline:
-    """Decoded text in, (field, text) deltas out: stop strings first, then the reasoning split."""
+    """Decoded text in, pieces out: stop strings first, then the reasoning split, then (when
+    the request has tools) tool calls parsed out of the content; reasoning is never parsed."""
 
-    def __init__(self, stops: list[str], reasoning: bool):
+    def __init__(self, stops: list[str], reasoning: bool, tools: bool = False):
         self.stop, self.split = StopMatcher(stops), ReasoningSplitter(reasoning)
+        self.calls = ToolCallParser() if tools else None
 
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        return self.split.feed(self.stop.feed(text))
+    def feed(self, text: str) -> list[Piece]:
+        return self._parse(self.split.feed(self.stop.feed(text)))
 
-    def flush(self) -> list[tuple[str, str]]:
+    def flush(self) -> list[Piece]:
         tail = [] if self.stop.stopped else self.split.feed(self.stop.flush())
-        return tail + self.split.flush()
+        return self._parse(tail + self.split.flush()) + (self.calls.flush() if self.calls else [])
 
+    @property
+    def called(self) -> bool:
+        """A tool call started: the row ends with finish_reason tool_calls."""
+        return self.calls is not None and self.calls.calls > 0
+
+    def _parse(self, pieces: list[tuple[str, str]]) -> list[Piece]:
+        if self.calls is None:
+            return pieces
+        return [out for name, text in pieces
+                for out in (self.calls.feed(text) if name == "content" else [(name, text)])]
 
 
 
@@ -1505,11 +1745,11 @@ class GenerationSink(Protocol):
     then exactly one of finish or fail. A shaper turns these into protocol events.
     """
 
-    def deltas(self, pieces: list[tuple[str, str]]) -> None:
-        """(field, text) pieces: field is "reasoning_content" or "content"."""
+    def deltas(self, pieces: list[Piece]) -> None:
+        """("reasoning_content" | "content", text) pieces, and ("tool_call", ToolCallEvent)."""
 
     def finish(self, reason: str, completion_tokens: int) -> None:
-        """reason: stop, length, cancelled or timeout."""
+        """reason: stop, tool_calls, length, cancelled or timeout."""
 
     def fail(self, message: str, completion_tokens: int) -> None:
         """The generation broke; message is safe to show."""
@@ -1535,6 +1775,7 @@ class Job:
     prompt_tokens: int
     cancel: threading.Event  # set by the session layer (D6): cancel belongs to the job, not the log
     grammar: Grammar | None = None  # what the answer must match (D51); None costs nothing
+    tools: bool = False  # parse tool calls out of the content
     started: float = field(default_factory=time.monotonic)
     claimed: bool = False
     deadline: float = float("inf")
@@ -1611,6 +1852,11 @@ class Stopping:
         if token in self.eos_ids:
             return "stop"
         return "length" if generated >= self.job.params.max_new_tokens else None
+
+    def final(self, reason: str) -> str:
+        """The reason reported once the pipeline is flushed: a generation that ended by itself
+        after calling a tool ends with tool_calls, as OpenAI's do (D55)."""
+        return "tool_calls" if reason == "stop" and self.pipeline.called else reason
 
 
 class Penalties:
@@ -1933,7 +2179,7 @@ class Worker:
 
     def _new_row(self, job: Job) -> Row:
         p = job.params
-        pipeline = TextPipeline(p.stop, job.reasoning)
+        pipeline = TextPipeline(p.stop, job.reasoning, job.tools)
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         penalties = ids = None
         if p.presence_penalty or p.frequency_penalty or p.logit_bias:
@@ -2032,7 +2278,7 @@ class Worker:
 
     def _finish(self, row: Row, reason: str) -> None:
         self._emit(row.job, row.pipeline.feed(row.detokenizer.flush()) + row.pipeline.flush())
-        self.outbox.post(row.job, "finish", reason, row.detokenizer.count)
+        self.outbox.post(row.job, "finish", row.stopping.final(reason), row.detokenizer.count)
 
     def _fail(self, job: Job, tokens: int, exc: Exception) -> None:
         logger.error("session %s generation failed: %s", job.id, type(exc).__name__, exc_info=exc)
@@ -2047,7 +2293,7 @@ class Worker:
         job.last_token_at = now
         job.counts.generated = count
 
-    def _emit(self, job: Job, pieces: list[tuple[str, str]]) -> None:
+    def _emit(self, job: Job, pieces: list[Piece]) -> None:
         if pieces:
             self.outbox.post(job, "deltas", pieces)
 
@@ -2079,6 +2325,36 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def merge_pieces(pieces: list[Piece]) -> list[Piece]:
+    """Consecutive text of one field, and consecutive argument text of one call, as one piece."""
+    merged: list[Piece] = []
+    for name, value in pieces:
+        last = merged[-1][1] if merged else None
+        if merged and name == merged[-1][0] != "tool_call":
+            merged[-1] = (name, last + value)
+        elif isinstance(value, ToolCallArguments) and isinstance(last, ToolCallArguments) and value.index == last.index:
+            merged[-1] = (name, ToolCallArguments(value.index, last.text + value.text))
+        else:
+            merged.append((name, value))
+    return merged
+
+
+def chunk_delta(name: str, value: Any, reasoning_fields: tuple[str, ...]) -> dict | None:
+    """A piece as a chat.completion.chunk delta: reasoning under each of REASONING_FIELDS
+    (D56); a call's start with its id, type and name, then its argument text (OpenAI's
+    shape); None when there is nothing to send (a call's end, reasoning sent nowhere)."""
+    if name == "reasoning_content":
+        return {field_name: value for field_name in reasoning_fields} or None
+    if name == "content":
+        return {"content": value}
+    if isinstance(value, ToolCallStart):
+        function = {"name": value.name, "arguments": ""}
+        return {"tool_calls": [{"index": value.index, "id": value.id, "type": "function", "function": function}]}
+    if isinstance(value, ToolCallArguments):
+        return {"tool_calls": [{"index": value.index, "function": {"arguments": value.text}}]}
+    return None
+
+
 class ChatChunkShaper:
     """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
 
@@ -2087,10 +2363,12 @@ class ChatChunkShaper:
     """
 
     def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], model: str, include_usage: bool,
-                 prompt_tokens: int, truncated_messages: int = 0):
+                 prompt_tokens: int, truncated_messages: int = 0,
+                 reasoning_fields: tuple[str, ...] = ("reasoning_content",)):
         self.log, self.on_close = log, on_close
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
         self.truncated_messages = truncated_messages
+        self.reasoning_fields = reasoning_fields
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -2099,16 +2377,12 @@ class ChatChunkShaper:
         extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else {}
         self._chunk({"role": "assistant", "content": ""}, extra=extra)
 
-    def deltas(self, pieces: list[tuple[str, str]]) -> None:
-        """One chunk per run of pieces going to the same field."""
-        merged: list[list[str]] = []
-        for name, text in pieces:
-            if merged and merged[-1][0] == name:
-                merged[-1][1] += text
-            else:
-                merged.append([name, text])
-        for name, text in merged:
-            self._chunk({name: text})
+    def deltas(self, pieces: list[Piece]) -> None:
+        """One chunk per run of text going to the same field, or of one call's arguments."""
+        for name, value in merge_pieces(pieces):
+            delta = chunk_delta(name, value, self.reasoning_fields)
+            if delta:
+                self._chunk(delta)
 
     def finish(self, reason: str, completion_tokens: int) -> None:
         self._chunk({}, reason)
@@ -2138,9 +2412,10 @@ class ChatChunkShaper:
         self.on_close(outcome)
 
 
-def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str) -> dict:
+def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str,
+                         reasoning_fields: tuple[str, ...] = ("reasoning_content",)) -> dict:
     """The chat.completion that a session's chunk events add up to, with the session's status."""
-    text = {"content": [], "reasoning_content": []}
+    deltas: list[dict] = []
     chunk_id, error, truncated = f"chatcmpl-{session_id}", None, 0
     for data in events:
         if data == "[DONE]":
@@ -2149,13 +2424,10 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
         error = chunk.get("error", error)
         truncated = chunk.get("truncated_messages", truncated)
         chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
-        for choice in chunk.get("choices", []):
-            for name, parts in text.items():
-                parts.append(choice["delta"].get(name) or "")
-    message = {"role": "assistant", "content": "".join(text["content"]),
-               "reasoning_content": "".join(text["reasoning_content"]) or None}
+        deltas += [choice["delta"] for choice in chunk.get("choices", [])]
     body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
+            "choices": [{"index": 0, "message": chat_message(deltas, reasoning_fields), "logprobs": None,
+                         "finish_reason": outcome.finish_reason}],
             "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
                       "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
             "session_id": session_id, "status": outcome.status}
@@ -2164,6 +2436,31 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
     if error:
         body["error"] = error
     return body
+
+
+def chat_message(deltas: list[dict], reasoning_fields: tuple[str, ...]) -> dict:
+    """The assistant message that chunk deltas add up to; content is null when the reply
+    is only tool calls, as OpenAI sends it."""
+    content = "".join(delta.get("content") or "" for delta in deltas)
+    reasoning = "".join(delta.get("reasoning_content") or delta.get("reasoning") or "" for delta in deltas)
+    calls = merge_tool_call_deltas([entry for delta in deltas for entry in delta.get("tool_calls") or []])
+    message = {"role": "assistant", "content": None if calls and not content else content,
+               **{field_name: reasoning or None for field_name in reasoning_fields}}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def merge_tool_call_deltas(entries: list[dict]) -> list[dict]:
+    """message.tool_calls from the `tool_calls` entries of chunk deltas, in order."""
+    calls: dict[int, dict] = {}
+    for entry in entries:
+        function = entry.get("function", {})
+        if "id" in entry:
+            calls[entry["index"]] = {"id": entry["id"], "type": "function",
+                                     "function": {"name": function.get("name", ""), "arguments": ""}}
+        calls[entry["index"]]["function"]["arguments"] += function.get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
 
 
 def new_response(response_id: str, req: ResponsesRequest, model: str) -> dict:
@@ -2960,7 +3257,7 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     shaper.start()
     return Job(session.id, inputs, params, shaper, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN),
                prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started, counts=counts,
-               grammar=grammar)
+               grammar=grammar, tools=template_tools(req) is not None)
 
 
 async def start_session(state: AppState, req: ChatCompletionRequest, owner: str, *, session_id: str | None = None,
