@@ -4,7 +4,7 @@ What it promises
 - `POST /v1/chat/completions` takes OpenAI chat messages with text, images and videos and
   answers with a `chat.completion` or, with `stream: true`, SSE `chat.completion.chunk`
   events ending in `data: [DONE]`. The model's reasoning (everything before `</think>`)
-  is `reasoning_content`; the answer after it is `content`.
+  is `reasoning_content` (and `reasoning`); the answer after it is `content`.
 - `response_format` json_object / json_schema and a forced tool call (`tool_choice`
   required or named) are enforced by constrained decoding once `</think>` has come: the
   answer matches the schema unless max_tokens (finish_reason "length"), a stop string or
@@ -192,13 +192,16 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A connection that has not sent a whole request head this long is closed.")
     request_body_timeout_seconds: float = Field(
         60.0, gt=0, description="A request body that has not all arrived this long gets 408.")
+    reasoning_fields: CommaList = Field(
+        ["reasoning_content", "reasoning"],
+        description="Chat fields that carry the reasoning (reasoning_content, reasoning); empty sends none.")
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("allowed_media_domains", "api_key", "cors_allow_origins", mode="before")
+    @field_validator("allowed_media_domains", "api_key", "cors_allow_origins", "reasoning_fields", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return comma_list(value)
@@ -210,6 +213,14 @@ class Settings(BaseSettings):
             return tuple(ipaddress.ip_network(str(n), strict=False) for n in comma_list(value))
         except ValueError as exc:
             raise ValueError(f"PRIVATE_MEDIA_NETWORKS: {exc}") from None
+
+    @field_validator("reasoning_fields", mode="after")
+    @classmethod
+    def _reasoning_fields(cls, value: list[str]) -> list[str]:
+        unknown = set(value) - {"reasoning_content", "reasoning"}
+        if unknown:
+            raise ValueError(f"REASONING_FIELDS: unknown field {sorted(unknown)[0]!r}")
+        return value
 
     @field_validator("allowed_media_domains", mode="after")
     @classmethod
@@ -2309,6 +2320,7 @@ class Outcome:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of the completion tokens, those up to and including `</think>`
 
 
 class EventLog(Protocol):
@@ -2355,6 +2367,12 @@ def chunk_delta(name: str, value: Any, reasoning_fields: tuple[str, ...]) -> dic
     return None
 
 
+def chat_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": min(reasoning_tokens, completion_tokens)}}
+
+
 class ChatChunkShaper:
     """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
 
@@ -2363,12 +2381,12 @@ class ChatChunkShaper:
     """
 
     def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], model: str, include_usage: bool,
-                 prompt_tokens: int, truncated_messages: int = 0,
-                 reasoning_fields: tuple[str, ...] = ("reasoning_content",)):
+                 prompt_tokens: int, truncated_messages: int = 0, counts: TokenCounts | None = None,
+                 reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")):
         self.log, self.on_close = log, on_close
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
         self.truncated_messages = truncated_messages
-        self.reasoning_fields = reasoning_fields
+        self.counts, self.reasoning_fields = counts or TokenCounts(), reasoning_fields
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -2389,15 +2407,14 @@ class ChatChunkShaper:
         if self.include_usage:
             self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(completion_tokens)}))
         status = "cancelled" if reason == "cancelled" else "completed"
-        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
+        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens, self.counts.reasoning))
 
     def fail(self, message: str, completion_tokens: int) -> None:
         self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
-        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
+        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens, self.counts.reasoning))
 
     def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return chat_usage(self.prompt_tokens, completion_tokens, self.counts.reasoning)
 
     def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -2413,7 +2430,7 @@ class ChatChunkShaper:
 
 
 def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str,
-                         reasoning_fields: tuple[str, ...] = ("reasoning_content",)) -> dict:
+                         reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")) -> dict:
     """The chat.completion that a session's chunk events add up to, with the session's status."""
     deltas: list[dict] = []
     chunk_id, error, truncated = f"chatcmpl-{session_id}", None, 0
@@ -2428,8 +2445,7 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
     body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": chat_message(deltas, reasoning_fields), "logprobs": None,
                          "finish_reason": outcome.finish_reason}],
-            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                      "total_tokens": outcome.prompt_tokens + outcome.completion_tokens},
+            "usage": chat_usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens),
             "session_id": session_id, "status": outcome.status}
     if truncated:
         body["truncated_messages"] = truncated
@@ -2528,14 +2544,14 @@ class ResponsesShaper:
         if reason == "timeout":
             self.response["end_reason"] = "timeout"  # extension: what the enum cannot say
         self._event(event, response=self.response)
-        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens))
+        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens, self.counts.reasoning))
 
     def fail(self, message: str, completion_tokens: int) -> None:
         self._close_item()
         self.response.update(status="failed", usage=self.usage(completion_tokens),
                              error={"code": "server_error", "message": message})
         self._event("response.failed", response=self.response)
-        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens))
+        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens, self.counts.reasoning))
 
     def usage(self, completion_tokens: int) -> dict:
         return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
@@ -2687,7 +2703,8 @@ class SessionLog:
             self.events.append(Event(self.next_index, data))
             self.next_index += 1
         self.outcome = Outcome("failed" if code != "interrupted" else "interrupted", None,
-                               self.outcome.prompt_tokens, self.outcome.completion_tokens)
+                               self.outcome.prompt_tokens, self.outcome.completion_tokens,
+                               self.outcome.reasoning_tokens)
         self.publish(self.next_index - 1)
         if self.on_broken is not None:
             self.on_broken()
@@ -2781,11 +2798,13 @@ class SQLiteWriter:
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS sessions (
         id TEXT PRIMARY KEY, created REAL, finished REAL, status TEXT, finish_reason TEXT,
-        prompt_tokens INTEGER, completion_tokens INTEGER);
+        prompt_tokens INTEGER, completion_tokens INTEGER, meta TEXT, reasoning_tokens INTEGER);
     CREATE TABLE IF NOT EXISTS events (
         session_id TEXT, idx INTEGER, data TEXT, PRIMARY KEY (session_id, idx)) WITHOUT ROWID;
     """
-    MIGRATIONS = ("ALTER TABLE sessions ADD COLUMN meta TEXT",)  # a database from before the column
+    # columns a database written by an earlier version lacks
+    MIGRATIONS = {"meta": "ALTER TABLE sessions ADD COLUMN meta TEXT",
+                  "reasoning_tokens": "ALTER TABLE sessions ADD COLUMN reasoning_tokens INTEGER"}
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -2795,8 +2814,9 @@ class SQLiteWriter:
         self.reader = self._connect()
         self.reader.executescript(self.SCHEMA)
         columns = {row[1] for row in self.reader.execute("PRAGMA table_info(sessions)")}
-        if "meta" not in columns:
-            self.reader.execute(self.MIGRATIONS[0])
+        for column, sql in self.MIGRATIONS.items():
+            if column not in columns:
+                self.reader.execute(sql)
         self.failed: weakref.WeakSet[SessionLog] = weakref.WeakSet()  # writer thread only
         self.failing = False  # an outage is under way (logged once)
         self.thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
@@ -2912,9 +2932,10 @@ class SQLiteSessionLog(SessionLog):
             return
         super().finish(outcome)
         self.writer.submit(
-            "UPDATE sessions SET finished=?, status=?, finish_reason=?, prompt_tokens=?, completion_tokens=? "
-            "WHERE id=?", (time.time(), outcome.status, outcome.finish_reason, outcome.prompt_tokens,
-                           outcome.completion_tokens, self.session_id), self)
+            "UPDATE sessions SET finished=?, status=?, finish_reason=?, prompt_tokens=?, completion_tokens=?, "
+            "reasoning_tokens=? WHERE id=?", (time.time(), outcome.status, outcome.finish_reason,
+                                              outcome.prompt_tokens, outcome.completion_tokens,
+                                              outcome.reasoning_tokens, self.session_id), self)
 
     @property
     def oldest_kept(self) -> int:
@@ -2935,14 +2956,14 @@ def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> tupl
     memory), so it died with an earlier one; if closing it at startup failed too (disk
     full), it reads as interrupted anyway, never as running forever.
     """
-    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta FROM sessions "
-                        "WHERE id=?", (session_id,))
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, meta "
+                        "FROM sessions WHERE id=?", (session_id,))
     if not rows:
         return None
-    status, reason, prompt, completion, meta = rows[0]
+    status, reason, prompt, completion, reasoning, meta = rows[0]
     last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
     log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
-                           outcome=Outcome(status, reason, prompt or 0, completion or 0))
+                           outcome=Outcome(status, reason, prompt or 0, completion or 0, reasoning or 0))
     log.visible = log.next_index - 1
     return log, json.loads(meta or "{}")
 
@@ -3232,7 +3253,8 @@ def close_session(state: AppState, session: Session, outcome: Outcome) -> None:
 def chat_shaper(state: AppState, req: ChatCompletionRequest, session: Session, prompt_tokens: int, dropped: int,
                 counts: TokenCounts) -> ChatChunkShaper:
     return ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
-                           bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped)
+                           bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped,
+                           counts, tuple(state.settings.reasoning_fields))
 
 
 def responses_shaper(state: AppState, response: dict, session: Session, prompt_tokens: int, dropped: int,
@@ -3308,9 +3330,10 @@ async def completion_body(state: AppState, session: Session) -> dict:
         raise EventsGone("This session's events are no longer kept.") from None
     outcome = session.log.outcome
     if not session.log.closed and session.job is not None:  # usage so far, not 0/0/0
-        outcome = Outcome(outcome.status, None, session.job.prompt_tokens, session.job.counts.generated)
+        counts = session.job.counts
+        outcome = Outcome(outcome.status, None, session.job.prompt_tokens, counts.generated, counts.reasoning)
     return chat_completion_body([e.data for e in events], outcome, session.id, session.created,
-                                state.settings.model_name)
+                                state.settings.model_name, tuple(state.settings.reasoning_fields))
 
 
 async def wait_briefly(event: asyncio.Event, seconds: float) -> None:
