@@ -93,7 +93,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -554,12 +554,56 @@ class ResponseInputMessage(BaseModel):
     content: str | list[ResponseContentPart]
 
 
+class ResponseFunctionCall(BaseModel):
+    """A call the model made in an earlier turn, sent back as input."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseFunctionCallOutput(BaseModel):
+    """What the client's function returned for a call."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ResponseContentPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseReasoningItem(BaseModel):
+    """An earlier turn's reasoning sent back as input (`input += response.output`): accepted,
+    and not rendered, like the reasoning of earlier chat turns (D37)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["reasoning"]
+    id: str | None = None
+
+
+def input_item_type(value: Any) -> str:
+    """A message may leave out its type (OpenAI's EasyInputMessage)."""
+    return (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "message"
+
+
+ResponseInputItem = Annotated[
+    Annotated[ResponseInputMessage, Tag("message")] | Annotated[ResponseFunctionCall, Tag("function_call")]
+    | Annotated[ResponseFunctionCallOutput, Tag("function_call_output")]
+    | Annotated[ResponseReasoningItem, Tag("reasoning")],
+    Discriminator(input_item_type)]
+
+
 class ResponsesRequest(BaseModel):
     """OpenAI's Responses API body (the parts this server serves) plus `seed`."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    input: str | list[ResponseInputMessage] = Field(min_length=1)
+    input: str | list[ResponseInputItem] = Field(min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -576,10 +620,11 @@ class ResponsesRequest(BaseModel):
     truncation: Literal["auto", "disabled"] | None = None
     text: dict | None = None
     reasoning: dict | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)  # extension, as on chat
     parallel_tool_calls: bool | None = None
-    # Known fields this server cannot honour yet: refused, never ignored.
-    tools: list | None = None
+    tools: list | None = None  # function tools only (refuse_unsupported_response)
     tool_choice: Any = None
+    # Known fields this server cannot honour yet: refused, never ignored.
     include: list[str] | None = None
     conversation: Any = None
 
@@ -588,30 +633,66 @@ RESPONSES_INCLUDE = {"reasoning.encrypted_content"}  # accepted, and meaningless
 
 
 def refuse_unsupported_response(req: ResponsesRequest) -> None:
-    """A known Responses field we cannot honour is a 400 naming it, never silently ignored."""
-    if req.tools:
-        raise invalid("'tools' is not supported by this server yet.", "tools", "unsupported_parameter")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise invalid("'tool_choice' is not supported by this server yet.", "tool_choice", "unsupported_parameter")
+    """A known Responses field we cannot honour is a 400 naming it, never silently ignored.
+    The shapes of tools, tool_choice and text.format are checked again as chat fields."""
+    if any(not isinstance(tool, dict) or tool.get("type") != "function" for tool in req.tools or []):
+        raise invalid("Only function tools are supported.", "tools", "unsupported_parameter")
+    if not (req.tool_choice in (None, "none", "auto", "required") or function_choice(req.tool_choice)):
+        raise invalid("tool_choice may be none, auto, required or {type: function, name}.", "tool_choice",
+                      "unsupported_parameter")
     if req.conversation is not None:
         raise invalid("'conversation' is not supported; use previous_response_id.", "conversation",
                       "unsupported_parameter")
     unknown = sorted(set(req.include or []) - RESPONSES_INCLUDE)
     if unknown:
         raise invalid(f"'include' value {unknown[0]!r} is not supported.", "include", "unsupported_parameter")
-    text_format = (req.text or {}).get("format") or {"type": "text"}
-    if not isinstance(text_format, dict) or text_format.get("type") != "text":
-        raise invalid("Only text.format type 'text' is supported.", "text.format", "unsupported_parameter")
+    if not isinstance(text_format(req), dict) or text_format(req).get("type") not in RESPONSE_FORMATS:
+        raise invalid("text.format may be text, json_object or json_schema.", "text.format", "unsupported_parameter")
     if req.background and req.store is False:
         raise invalid("A background response must be stored (store: true).", "store", "invalid_value")
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def text_format(req: ResponsesRequest) -> Any:
+    return (req.text or {}).get("format") or {"type": "text"}
+
+
+def function_choice(choice: Any) -> str | None:
+    """The function a Responses tool_choice names (`{"type": "function", "name": ...}`), if any."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return choice["name"]
+    return None
+
+
 def response_input_messages(req: ResponsesRequest) -> list[dict]:
-    """The request's input as chat messages (the prompt pipeline's language)."""
+    """The request's input as chat messages (the prompt pipeline's language): a call the
+    model made joins the assistant turn before it, a call's output is a tool turn, and
+    reasoning sent back is left out."""
     if isinstance(req.input, str):
         return [{"role": "user", "content": req.input}]
-    return [{"role": item.role, "content": item.content if isinstance(item.content, str) else
-             [chat_part(part) for part in item.content]} for item in req.input]
+    messages: list[dict] = []
+    for item in req.input:
+        if isinstance(item, ResponseInputMessage):
+            messages.append({"role": item.role, "content": chat_content(item.content)})
+        elif isinstance(item, ResponseFunctionCall):
+            add_tool_call(messages, {"id": item.call_id, "type": "function",
+                                     "function": {"name": item.name, "arguments": item.arguments}})
+        elif isinstance(item, ResponseFunctionCallOutput):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": chat_content(item.output)})
+    return messages
+
+
+def chat_content(content: str | list) -> str | list[dict]:
+    return content if isinstance(content, str) else [chat_part(part) for part in content]
+
+
+def add_tool_call(messages: list[dict], call: dict) -> None:
+    """Append a call to the assistant turn that ends the messages, or start one."""
+    if not messages or messages[-1]["role"] != "assistant":
+        messages.append({"role": "assistant", "content": None})
+    messages[-1].setdefault("tool_calls", []).append(call)
 
 
 def chat_part(part: ResponseText | ResponseImage | ResponseVideo) -> dict:
@@ -623,21 +704,48 @@ def chat_part(part: ResponseText | ResponseImage | ResponseVideo) -> dict:
 
 
 def chat_request_of(req: ResponsesRequest, history: list[dict]) -> ChatCompletionRequest:
-    """The chat request a response runs as: instructions, earlier turns, then this input."""
+    """The chat request a response runs as: instructions, earlier turns, then this input;
+    tools, tool_choice, text.format and reasoning.effort in their chat shapes."""
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     body = {"messages": system + history + response_input_messages(req), "max_tokens": req.max_output_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "stream": bool(req.stream),
-            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logit_bias": req.logit_bias}
+            "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens, "logit_bias": req.logit_bias,
+            "tools": [chat_tool(tool) for tool in req.tools] if req.tools else None,
+            "tool_choice": chat_tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "response_format": chat_response_format(text_format(req)),
+            "reasoning_effort": (req.reasoning or {}).get("effort"), "max_reasoning_tokens": req.max_reasoning_tokens}
     return validate_request(body)
 
 
+def chat_tool(tool: dict) -> dict:
+    """Responses' flat function tool as a chat tool."""
+    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+    return {"type": "function", "function": function}
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    name = function_choice(choice)
+    return {"type": "function", "function": {"name": name}} if name is not None else choice
+
+
+def chat_response_format(fmt: dict) -> dict:
+    """Responses' text.format (flat: type, name, schema, strict) as a chat response_format."""
+    if fmt.get("type") != "json_schema":
+        return {"type": fmt.get("type", "text")}
+    return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
+                                                   if k in fmt}}
+
+
+INPUT_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
 def input_items(req: ResponsesRequest) -> list[dict]:
-    """The input as the items `GET /v1/responses/{id}/input_items` lists."""
+    """The input as the items `GET /v1/responses/{id}/input_items` lists (an item's own id kept)."""
     items = req.input
     if isinstance(items, str):
         items = [ResponseInputMessage(role="user", content=[ResponseText(type="input_text", text=items)])]
-    return [{"id": f"msg_{uuid.uuid4().hex}", "status": "completed", **item.model_dump(exclude_none=True)}
-            for item in items]
+    return [{"id": f"{INPUT_ITEM_PREFIX[item.type]}_{uuid.uuid4().hex}", "status": "completed",
+             **item.model_dump(exclude_none=True)} for item in items]
 
 
 # ----------------------------------------------------------------------------- media
@@ -2485,12 +2593,19 @@ def new_response(response_id: str, req: ResponsesRequest, model: str) -> dict:
         "id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
         "background": bool(req.background), "error": None, "incomplete_details": None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
-        "model": model, "output": [], "parallel_tool_calls": bool(req.parallel_tool_calls), "previous_response_id":
-        req.previous_response_id, "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
-        "store": req.store is not False, "temperature": req.temperature, "text": {"format": {"type": "text"}},
-        "tool_choice": "auto", "tools": [], "top_p": req.top_p, "truncation": req.truncation or "disabled",
-        "usage": None,
+        "model": model, "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": req.previous_response_id,
+        "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
+        "store": req.store is not False, "temperature": req.temperature, "text": {"format": text_format(req)},
+        "tool_choice": req.tool_choice or "auto", "tools": [response_tool(tool) for tool in req.tools or []],
+        "top_p": req.top_p, "truncation": req.truncation or "disabled", "usage": None,
     }
+
+
+def response_tool(tool: dict) -> dict:
+    """A function tool as the Response echoes it (openai's `FunctionTool`)."""
+    return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("parameters"), "strict": tool.get("strict")}
 
 
 # How a finish reason ends a response: (status, terminal event, incomplete_details reason).
@@ -2498,6 +2613,7 @@ def new_response(response_id: str, req: ResponsesRequest, model: str) -> dict:
 # stream events has no cancelled event, and the SDK's get_final_response() needs completed.
 RESPONSE_ENDINGS = {
     "stop": ("completed", "response.completed", None),
+    "tool_calls": ("completed", "response.completed", None),
     "cancelled": ("cancelled", "response.completed", None),
     "length": ("incomplete", "response.incomplete", "max_output_tokens"),
     "timeout": ("incomplete", "response.incomplete", "max_output_tokens"),
@@ -2510,7 +2626,8 @@ class ResponsesShaper:
     Each event's sequence_number is its index in the log (both start at 0 with
     response.created), so `starting_after=N`, `Last-Event-ID: N` and the SSE id agree.
     Reasoning (before `</think>`) is a `reasoning` output item, the answer a `message`
-    item; output_index follows arrival order, as the SDK's stream helper asserts.
+    item, each tool call a `function_call` item (D57); output_index follows arrival order,
+    as the SDK's stream helper asserts.
     `response` is the Response as it stands, what GET returns while this process holds it.
     """
 
@@ -2525,8 +2642,11 @@ class ResponsesShaper:
         self._event("response.created", response=self.response)
         self._event("response.in_progress", response=self.response)
 
-    def deltas(self, pieces: list[tuple[str, str]]) -> None:
-        for name, text in pieces:
+    def deltas(self, pieces: list[Piece]) -> None:
+        for name, text in merge_pieces(pieces):
+            if name == "tool_call":
+                self._tool_call(text)
+                continue
             kind = "reasoning" if name == "reasoning_content" else "message"
             if self.item is None or self.item["type"] != kind:
                 self._close_item()
@@ -2559,6 +2679,20 @@ class ResponsesShaper:
                 "output_tokens_details": {"reasoning_tokens": min(self.counts.reasoning, completion_tokens)},
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
+    def _tool_call(self, event: ToolCallEvent) -> None:
+        """A call is its own output item; its arguments stream as function_call_arguments deltas."""
+        if isinstance(event, ToolCallStart):
+            self._close_item()
+            self.item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": event.id,
+                         "name": event.name, "arguments": "", "status": "in_progress"}
+            self.response["output"].append(self.item)
+            self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=self.item)
+        elif isinstance(event, ToolCallArguments):
+            self.item["arguments"] += event.text
+            self._event("response.function_call_arguments.delta", **self._item_where(), delta=event.text)
+        else:
+            self._close_item()
+
     def _open_item(self, kind: str) -> None:
         if kind == "reasoning":
             self.item = {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [], "status": "in_progress",
@@ -2576,19 +2710,23 @@ class ResponsesShaper:
         item = self.item
         if item is None:
             return
-        text = item["content"][0]["text"]
-        if item["type"] == "reasoning":
-            self._event("response.reasoning_text.done", **self._where(), text=text)
+        if item["type"] == "function_call":
+            self._event("response.function_call_arguments.done", **self._item_where(), name=item["name"],
+                        arguments=item["arguments"])
+        elif item["type"] == "reasoning":
+            self._event("response.reasoning_text.done", **self._where(), text=item["content"][0]["text"])
         else:
-            self._event("response.output_text.done", **self._where(), text=text, logprobs=[])
+            self._event("response.output_text.done", **self._where(), text=item["content"][0]["text"], logprobs=[])
             self._event("response.content_part.done", **self._where(), part=item["content"][0])
         item["status"] = "completed"
-        self._event("response.output_item.done", output_index=self._where()["output_index"], item=item)
+        self._event("response.output_item.done", output_index=self._item_where()["output_index"], item=item)
         self.item = None
 
+    def _item_where(self) -> dict:
+        return {"item_id": self.item["id"], "output_index": self.response["output"].index(self.item)}
+
     def _where(self) -> dict:
-        return {"item_id": self.item["id"], "output_index": self.response["output"].index(self.item),
-                "content_index": 0}
+        return {**self._item_where(), "content_index": 0}
 
     def _event(self, kind: str, **fields: Any) -> None:
         self.log.append(dumps({"type": kind, "sequence_number": self.sequence, **fields}))
@@ -2629,12 +2767,19 @@ def fold_output_event(output: list[dict], event: dict) -> None:
         output[event["output_index"]]["content"].append(event["part"])
     elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
         output[event["output_index"]]["content"][event["content_index"]]["text"] += event["delta"]
+    elif kind == "response.function_call_arguments.delta":
+        output[event["output_index"]]["arguments"] += event["delta"]
 
 
-def response_output_text(response: dict) -> str:
-    """The answer of a response, as the next turn's assistant message (reasoning is not fed back)."""
-    return "".join(part.get("text", "") for item in response["output"] if item["type"] == "message"
+def response_output_message(response: dict) -> dict:
+    """A response's answer and calls as the next turn's assistant message (its reasoning is
+    not fed back, D37)."""
+    text = "".join(part.get("text", "") for item in response["output"] if item["type"] == "message"
                    for part in item["content"] if part["type"] == "output_text")
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                       "arguments": item["arguments"]}}
+             for item in response["output"] if item["type"] == "function_call"]
+    return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -3478,8 +3623,7 @@ async def response_history(state: AppState, previous_id: str | None, owner: str)
         raise SessionNotFound(f"Previous response '{previous_id}' not found.", param="previous_response_id") from None
     if not previous.done.is_set():
         raise invalid("The previous response is still in progress.", "previous_response_id", "invalid_value")
-    answer = response_output_text(await response_snapshot(previous))
-    return previous.meta.get("messages", []) + [{"role": "assistant", "content": answer}]
+    return previous.meta.get("messages", []) + [response_output_message(await response_snapshot(previous))]
 
 
 def response_cursor(request: Request, starting_after: int | None) -> int:

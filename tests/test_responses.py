@@ -136,7 +136,8 @@ def test_unknown_previous_response_is_404_naming_the_param(client):
 
 
 def test_unsupported_fields_are_400_naming_the_param(client):
-    cases = [({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    cases = [({"tools": [{"type": "web_search"}]}, "tools"),
+             ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
              ({"include": ["file_search_call.results"]}, "include"),
              ({"extra_body": {"conversation": "conv_1"}}, "conversation")]
     for extra, param in cases:
