@@ -1,6 +1,5 @@
 """Bad input, hostile URLs and overload: each limit and refusal with its status and code."""
 
-import base64
 import concurrent.futures
 import io
 import json
@@ -14,38 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from conftest import InProcessServer, ServerProcess, long_request, stream_events, wait_ready
-from test_api import mp4_data_uri, png_data_uri
-from test_errors import assert_error, post
-
-TEXT = [{"role": "user", "content": "hi"}]
-
-
-def image_message(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is it?"}]}]
-
-
-def video_message(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]
-
-
-def png_bytes(size=(64, 64)) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, (10, 200, 10)).save(buf, format="PNG")
-    return buf.getvalue()
+from helpers import (HI, ServerProcess, assert_error, data_uri, final_choice, image_message, long_request,
+                     mp4_data_uri, png_bytes, png_data_uri, post, stream_events, video_message)
 
 
 @pytest.fixture(scope="module")
-def strict(tiny_model_dir):
-    """A server with small limits so each one is cheap to hit."""
-    with InProcessServer(tiny_model_dir, preload_model=True, max_request_bytes=200_000, max_image_pixels=100 * 100,
-                         max_images_per_request=2, max_videos_per_request=1, max_video_bytes=60_000,
-                         max_video_seconds=1.0, private_media_networks="127.0.0.2/32") as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def strict(make_module_server):
+    """A server with small limits so each one is cheap to hit; 127.0.0.2 is a private
+    network it may fetch media from."""
+    return make_module_server(max_request_bytes=200_000, max_image_pixels=100 * 100, max_images_per_request=2,
+                              max_videos_per_request=1, max_video_bytes=60_000, max_video_seconds=1.0,
+                              private_media_networks="127.0.0.2/32")
 
 
 # ----------------------------------------------------------------------------- body size
@@ -67,7 +45,7 @@ def test_body_over_limit_when_streamed_without_length_is_413(strict):
 
 
 def test_body_under_limit_passes_through(strict):
-    assert post(strict.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200
+    assert post(strict.base_url, {"messages": HI, "max_tokens": 2}).status_code == 200
 
 
 # ----------------------------------------------------------------------------- images and video
@@ -82,7 +60,7 @@ def test_image_in_unsupported_format_is_400(strict):
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="TIFF")
-    url = "data:image/tiff;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = data_uri(buf.getvalue(), "image/tiff")
     assert_error(post(strict.base_url, {"messages": image_message(url)}), 400, "invalid_image")
 
 
@@ -104,7 +82,7 @@ def test_video_longer_than_limit_is_413(strict):
 
 
 def test_video_over_byte_limit_is_413(strict):
-    big = "data:video/mp4;base64," + base64.b64encode(os.urandom(90_000)).decode()
+    big = data_uri(os.urandom(90_000), "video/mp4")
     assert_error(post(strict.base_url, {"messages": video_message(big)}), 413, "media_too_large")
 
 
@@ -199,33 +177,28 @@ def test_file_urls_and_paths_are_refused_by_default(strict, url):
     assert_error(post(strict.base_url, {"messages": image_message(url)}), 400, "invalid_media_url")
 
 
-def test_allowed_domains_list_refuses_other_hosts(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, allowed_media_domains="images.example.com") as srv:
-        wait_ready(srv.base_url)
-        response = post(srv.base_url, {"messages": image_message("http://evil.example.org/x.png")})
-        assert_error(response, 400, "media_url_forbidden")
+def test_allowed_domains_list_refuses_other_hosts(make_server):
+    srv = make_server(allowed_media_domains="images.example.com")
+    response = post(srv.base_url, {"messages": image_message("http://evil.example.org/x.png")})
+    assert_error(response, 400, "media_url_forbidden")
 
 
-def test_local_media_path_serves_files_under_it_only(tiny_model_dir, tmp_path):
+def test_local_media_path_serves_files_under_it_only(make_server, tmp_path):
     (tmp_path / "ok.png").write_bytes(png_bytes())
-    with InProcessServer(tiny_model_dir, preload_model=True, allowed_local_media_path=str(tmp_path)) as srv:
-        wait_ready(srv.base_url)
-        ok = post(srv.base_url, {"messages": image_message(str(tmp_path / "ok.png")), "max_tokens": 2})
-        assert ok.status_code == 200
-        ok = post(srv.base_url, {"messages": image_message(f"file://{tmp_path}/ok.png"), "max_tokens": 2})
-        assert ok.status_code == 200
-        escape = post(srv.base_url, {"messages": image_message(f"{tmp_path}/../../etc/passwd")})
-        assert_error(escape, 400, "invalid_media_url")
+    srv = make_server(allowed_local_media_path=str(tmp_path))
+    ok = post(srv.base_url, {"messages": image_message(str(tmp_path / "ok.png")), "max_tokens": 2})
+    assert ok.status_code == 200
+    ok = post(srv.base_url, {"messages": image_message(f"file://{tmp_path}/ok.png"), "max_tokens": 2})
+    assert ok.status_code == 200
+    escape = post(srv.base_url, {"messages": image_message(f"{tmp_path}/../../etc/passwd")})
+    assert_error(escape, 400, "invalid_media_url")
 
 
 # ----------------------------------------------------------------------------- auth and CORS
 
 @pytest.fixture(scope="module")
-def keyed(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, api_key="key-one,key-two",
-                         cors_allow_origins="https://app.example") as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def keyed(make_module_server):
+    return make_module_server(api_key="key-one,key-two", cors_allow_origins="https://app.example")
 
 
 @pytest.mark.parametrize("method,path", [
@@ -234,7 +207,7 @@ def keyed(tiny_model_dir):
 ])
 def test_every_v1_route_requires_the_api_key(keyed, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
-        response = httpx.request(method, keyed.base_url + path, json={"messages": TEXT}, headers=headers)
+        response = httpx.request(method, keyed.base_url + path, json={"messages": HI}, headers=headers)
         assert_error(response, 401, "invalid_api_key")
 
 
@@ -247,12 +220,12 @@ def test_any_configured_key_is_accepted_and_health_stays_open(keyed):
 
 def test_resume_needs_the_key_too(keyed):
     auth = {"Authorization": "Bearer key-one"}
-    stream_events(keyed.base_url, {"messages": TEXT, "max_tokens": 3, "stream": True, "session_id": "keyed-1"},
+    stream_events(keyed.base_url, {"messages": HI, "max_tokens": 3, "stream": True, "session_id": "keyed-1"},
                   headers=auth)
-    response = httpx.post(keyed.base_url + "/v1/chat/completions", json={"messages": TEXT},
+    response = httpx.post(keyed.base_url + "/v1/chat/completions", json={"messages": HI},
                           headers={"Last-Event-ID": "keyed-1:0"})
     assert_error(response, 401, "invalid_api_key")
-    _, status, events = stream_events(keyed.base_url, {"messages": TEXT}, headers={**auth, "Last-Event-ID": "keyed-1:0"})
+    _, status, events = stream_events(keyed.base_url, {"messages": HI}, headers={**auth, "Last-Event-ID": "keyed-1:0"})
     assert status == 200 and events[-1]["data"] == "[DONE]"
 
 
@@ -270,46 +243,42 @@ def test_cors_preflight_is_answered_only_for_configured_origins(keyed, base_url)
 
 # ----------------------------------------------------------------------------- overload and timeouts
 
-def test_streams_beyond_running_plus_queue_get_429_and_admitted_ones_complete(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_queue=1, max_batch_size=1) as srv:
-        wait_ready(srv.base_url)
-        bodies = [long_request(max_tokens=500, session_id=f"load-{i}") for i in range(5)]
-        with concurrent.futures.ThreadPoolExecutor(5) as pool:
-            results = list(pool.map(lambda b: stream_events(srv.base_url, b), bodies))
-        statuses = [status for _, status, _ in results]
-        assert statuses.count(200) == 2 and statuses.count(429) == 3, statuses
-        for headers, status, events in results:
-            if status == 429:
-                assert events[0]["error"]["code"] == "queue_full" and int(headers["retry-after"]) > 0
-            else:
-                assert json.loads(events[-2]["data"])["choices"][0]["finish_reason"] == "length"
-        assert srv.state.worker.admitted == 0
-        assert post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200
+def test_streams_beyond_running_plus_queue_get_429_and_admitted_ones_complete(make_server):
+    srv = make_server(max_queue=1, max_batch_size=1)
+    bodies = [long_request(max_tokens=500, session_id=f"load-{i}") for i in range(5)]
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda b: stream_events(srv.base_url, b), bodies))
+    statuses = [status for _, status, _ in results]
+    assert statuses.count(200) == 2 and statuses.count(429) == 3, statuses
+    for headers, status, events in results:
+        if status == 429:
+            assert events[0]["error"]["code"] == "queue_full" and int(headers["retry-after"]) > 0
+        else:
+            assert final_choice(events)["finish_reason"] == "length"
+    assert srv.state.worker.admitted == 0
+    assert post(srv.base_url, {"messages": HI, "max_tokens": 2}).status_code == 200
 
 
-def test_generation_timeout_ends_a_runaway_stream_with_a_clear_finish(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, generation_timeout_seconds=0.3) as srv:
-        wait_ready(srv.base_url)
-        _, _, events = stream_events(srv.base_url, long_request(max_tokens=3000, session_id="runaway"))
-        final = json.loads(events[-2]["data"])["choices"][0]
-        assert final["finish_reason"] == "timeout" and events[-1]["data"] == "[DONE]"
-        body = httpx.get(srv.base_url + "/v1/chat/completions/runaway").json()
-        assert 0 < body["usage"]["completion_tokens"] < 3000
+def test_generation_timeout_ends_a_runaway_stream_with_a_clear_finish(make_server):
+    srv = make_server(generation_timeout_seconds=0.3)
+    _, _, events = stream_events(srv.base_url, long_request(max_tokens=3000, session_id="runaway"))
+    assert final_choice(events)["finish_reason"] == "timeout" and events[-1]["data"] == "[DONE]"
+    body = httpx.get(srv.base_url + "/v1/chat/completions/runaway").json()
+    assert 0 < body["usage"]["completion_tokens"] < 3000
 
 
-def test_context_overflow_truncate_drops_oldest_turns_and_says_so(tiny_model_dir):
+def test_context_overflow_truncate_drops_oldest_turns_and_says_so(make_server):
     long_turn = "hello there " * 1000
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long_turn},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": long_turn},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": "And now?"}]
-    with InProcessServer(tiny_model_dir, preload_model=True, context_overflow="truncate") as srv:
-        wait_ready(srv.base_url)
-        body = post(srv.base_url, {"messages": messages, "max_tokens": 2}).json()
-        assert body["truncated_messages"] >= 1 and body["usage"]["prompt_tokens"] < 4096
-        _, _, events = stream_events(srv.base_url, {"messages": messages, "max_tokens": 2, "stream": True})
-        assert json.loads(events[0]["data"])["truncated_messages"] == body["truncated_messages"]
-        alone = post(srv.base_url, {"messages": [{"role": "user", "content": long_turn * 3}]})
-        assert_error(alone, 400, "context_length_exceeded")
+    srv = make_server(context_overflow="truncate")
+    body = post(srv.base_url, {"messages": messages, "max_tokens": 2}).json()
+    assert body["truncated_messages"] >= 1 and body["usage"]["prompt_tokens"] < 4096
+    _, _, events = stream_events(srv.base_url, {"messages": messages, "max_tokens": 2, "stream": True})
+    assert json.loads(events[0]["data"])["truncated_messages"] == body["truncated_messages"]
+    alone = post(srv.base_url, {"messages": [{"role": "user", "content": long_turn * 3}]})
+    assert_error(alone, 400, "context_length_exceeded")
 
 
 # ----------------------------------------------------------------------------- logs and shutdown
@@ -322,7 +291,7 @@ def test_logs_carry_request_ids_and_never_bodies_keys_or_media(tiny_model_dir, t
         auth = {"Authorization": "Bearer sekrit-key-123", "X-Request-Id": "req-abc"}
         post(srv.base_url, {"messages": image_message(image) + [{"role": "user", "content": secret_text}],
                             "max_tokens": 3}, headers=auth)
-        stream_events(srv.base_url, {"messages": TEXT, "max_tokens": 3, "stream": True, "session_id": "logged"},
+        stream_events(srv.base_url, {"messages": HI, "max_tokens": 3, "stream": True, "session_id": "logged"},
                       headers=auth)
         httpx.post(srv.base_url + "/v1/cancel/logged", headers=auth)
     finally:
@@ -349,7 +318,7 @@ def test_sigterm_finishes_streams_with_a_final_event_and_flushes_sqlite(tiny_mod
     reader.join(timeout=30)
     events = seen["events"]
     assert events[-1]["data"] == "[DONE]"
-    assert json.loads(events[-2]["data"])["choices"][0]["finish_reason"] == "cancelled"
+    assert final_choice(events)["finish_reason"] == "cancelled"
     again = ServerProcess(tiny_model_dir, tmp_path / "server2.log", **env).start()
     try:
         _, _, replay = stream_events(again.base_url, method="GET", path="/v1/chat/completions/at-shutdown",

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from conftest import ServerProcess, chunk_payloads, long_request, stream_events
+from helpers import ServerProcess, chunk_payloads, long_request, stream_events
 
 
 def persistent_server(tiny_model_dir, tmp_path, db, **env) -> ServerProcess:

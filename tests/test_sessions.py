@@ -7,31 +7,13 @@ import time
 import httpx
 import pytest
 
-from conftest import (InProcessServer, chunk_payloads, event_index, joined_text, long_request, stream_events,
-                      wait_ready)
-
-TEXT = [{"role": "user", "content": "Tell me something."}]
+from helpers import (TELL_ME, chunk_payloads, event_index, get_completion, joined_text, long_request, stream_events,
+                     wait_status)
 
 
 def short_request(session_id: str, **extra) -> dict:
-    return {"messages": TEXT, "max_tokens": 60, "ignore_eos": True, "seed": 3, "temperature": 1.0, "stream": True,
+    return {"messages": TELL_ME, "max_tokens": 60, "ignore_eos": True, "seed": 3, "temperature": 1.0, "stream": True,
             "session_id": session_id, **extra}
-
-
-def get_completion(base_url: str, session_id: str) -> dict:
-    response = httpx.get(f"{base_url}/v1/chat/completions/{session_id}", timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_status(base_url: str, session_id: str, statuses: set[str], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = get_completion(base_url, session_id)
-        if body["status"] in statuses:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"{session_id} never reached {statuses}: {body['status']}")
 
 
 def assert_contiguous(events: list[dict], session_id: str, start: int = 0) -> None:
@@ -190,24 +172,20 @@ def test_index_beyond_the_log_is_400_and_unknown_get_is_404(base_url):
     assert httpx.get(base_url + "/v1/chat/completions/never-was").status_code == 404
 
 
-def test_stale_index_older_than_ring_buffer_is_410(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, session_buffer_events=8, preload_model=True) as srv:
-        wait_ready(srv.base_url)
-        _, _, events = stream_events(srv.base_url, short_request("small-buffer"))
-        assert len(events) > 8
-        response = httpx.post(srv.base_url + "/v1/chat/completions", json=short_request("small-buffer"),
-                              headers={"Last-Event-ID": "small-buffer:0"})
-        assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
-        recent = stream_events(srv.base_url, short_request("small-buffer"),
-                               headers={"Last-Event-ID": events[-4]["id"]})[2]
-        assert recent == events[-3:]
+def test_stale_index_older_than_ring_buffer_is_410(make_server):
+    srv = make_server(session_buffer_events=8)
+    _, _, events = stream_events(srv.base_url, short_request("small-buffer"))
+    assert len(events) > 8
+    response = httpx.post(srv.base_url + "/v1/chat/completions", json=short_request("small-buffer"),
+                          headers={"Last-Event-ID": "small-buffer:0"})
+    assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
+    recent = stream_events(srv.base_url, short_request("small-buffer"), headers={"Last-Event-ID": events[-4]["id"]})[2]
+    assert recent == events[-3:]
 
 
 @pytest.fixture(scope="module")
-def auto_cancel_server(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, cancel_after_disconnect_seconds=1.0, preload_model=True) as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def auto_cancel_server(make_module_server):
+    return make_module_server(cancel_after_disconnect_seconds=1.0)
 
 
 def test_auto_cancel_fires_once_nobody_listens(auto_cancel_server):
