@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 import main
-from helpers import joined_text, long_request, metric, png_data_uri, stream_events
+from helpers import joined_text, long_request, metric, png_data_uri, stream_events, wait_generating
 
 
 def request(i: int, **extra) -> dict:
@@ -58,6 +58,7 @@ def in_threads(calls: list, while_running=None) -> list:
 def staggered_streams(base_url: str, bodies: list[dict], gap: float) -> list[list[dict]]:
     """Each body streamed to the end, the i-th starting i * gap seconds after the first."""
     def call(i: int):
+        # the sleep is the workload: requests arriving while others decode, not coordination
         return lambda: (time.sleep(i * gap), stream_events(base_url, bodies[i])[2])[1]
 
     return in_threads([call(i) for i in range(len(bodies))])
@@ -130,7 +131,7 @@ def test_cancelled_row_stops_while_others_continue(batched):
     statuses = []
 
     def cancel_middle_row() -> None:
-        time.sleep(0.3)
+        wait_generating(batched.base_url, "row-1")
         statuses.append(httpx.post(batched.base_url + "/v1/cancel/row-1").json()["status"])
 
     results = in_threads([lambda b=b: stream_events(batched.base_url, b)[2] for b in bodies], cancel_middle_row)

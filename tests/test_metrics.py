@@ -1,10 +1,8 @@
 """GET /metrics: Prometheus text, scraped after real traffic."""
 
-import time
-
 import httpx
 
-from helpers import HI, long_request, scrape, stream_events, value
+from helpers import HI, long_request, scrape, stream_events, value, wait_status
 
 
 def test_metrics_count_requests_tokens_latencies_sessions_resumes_and_cancellations(make_server):
@@ -21,10 +19,7 @@ def test_metrics_count_requests_tokens_latencies_sessions_resumes_and_cancellati
     stream_events(srv.base_url, long_request(session_id="m-manual"), limit=2)
     httpx.post(srv.base_url + "/v1/cancel/m-manual", timeout=30)
     stream_events(srv.base_url, long_request(session_id="m-auto"), limit=2)
-    for _ in range(100):
-        if srv.state.sessions.sessions["m-auto"].done.is_set():
-            break
-        time.sleep(0.05)
+    wait_status(srv.base_url, "m-auto", {"cancelled", "completed"}, timeout=5)
 
     after = scrape(srv.base_url)
     route = "/v1/chat/completions"
