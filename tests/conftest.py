@@ -48,3 +48,11 @@ def make_module_server(tiny_model_dir):
     yield factory
     factory.close()
 
+
+@pytest.fixture(scope="module")
+def strict(make_module_server):
+    """A server with small limits so each one is cheap to hit; 127.0.0.2 is a private
+    network it may fetch media from."""
+    return make_module_server(max_request_bytes=200_000, max_image_pixels=100 * 100, max_images_per_request=2,
+                              max_videos_per_request=1, max_video_bytes=60_000, max_video_seconds=1.0,
+                              private_media_networks="127.0.0.2/32")
