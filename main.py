@@ -328,7 +328,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id."""
+    """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id.
+
+    A top-level `null` means the field's default (the OpenAI SDK sends null for None).
+    """
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -336,10 +339,10 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps only the most probable token
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM: a valid torch seed
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = 1
@@ -356,6 +359,11 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
 
     @field_validator("logit_bias", mode="after")
     @classmethod
@@ -1196,7 +1204,9 @@ def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
     values, indices = scores.topk(k, dim=-1) if k < vocab or p.top_p < 1 else (scores, None)
     probs = torch.softmax(values.float() / p.temperature, dim=-1)
     if p.top_p < 1:
-        probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
+        keep = (probs.cumsum(-1) - probs) < p.top_p
+        keep[:, 0] = True  # the most probable token always stays (top_p 0 keeps only it)
+        probs = probs * keep
     cdf = probs.cumsum(-1)
     draws = torch.tensor([torch.rand((), generator=g).item() for g in generators], dtype=cdf.dtype)
     picks = torch.searchsorted(cdf, (draws.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=k - 1)
@@ -1564,7 +1574,7 @@ def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, c
         for choice in chunk.get("choices", []):
             for name, parts in text.items():
                 parts.append(choice["delta"].get(name) or "")
-    message = {"role": "assistant", "content": "".join(text["content"]),
+    message = {"role": "assistant", "content": "".join(text["content"]), "refusal": None,
                "reasoning_content": "".join(text["reasoning_content"]) or None}
     body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}],
