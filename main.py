@@ -349,6 +349,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[int, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
@@ -356,8 +358,6 @@ class ChatCompletionRequest(BaseModel):
     tools: list | None = None
     tool_choice: Any = None
     functions: list | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     response_format: dict | None = None
 
     @model_validator(mode="before")
@@ -383,7 +383,9 @@ class ChatCompletionRequest(BaseModel):
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """A known field we cannot honour is a 400 naming it, never silently ignored."""
-    for name in ("tools", "functions", "logprobs", "top_logprobs"):
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs: true.", "top_logprobs", "invalid_value")
+    for name in ("tools", "functions"):
         if getattr(req, name):
             raise invalid(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
     if req.tool_choice not in (None, "none"):
@@ -725,6 +727,8 @@ class SamplingParams:
     frequency_penalty: float
     logit_bias: dict[int, float]
     n: int = 1  # choices, each its own row
+    logprobs: bool = False
+    top_logprobs: int = 0  # most probable alternatives listed with each token's logprob
 
     @property
     def sampler_key(self) -> tuple:
@@ -747,7 +751,7 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
         min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         logit_bias=checked_logit_bias(req.logit_bias, vocab_size),
-        n=req.n)
+        n=req.n, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
 
 
 def checked_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> dict[int, float]:
@@ -968,12 +972,29 @@ class Metrics:
 # ----------------------------------------------------------------------------- engine
 
 @dataclass
+class TokenLogprob:
+    """One generated token as logprobs list it: its text, log probability and UTF-8 bytes,
+    and (`top`) the most probable tokens at that step, most probable first."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Delta:
-    """New text of one choice for one message field; kind is "reasoning_content" or "content"."""
+    """New text of one choice for one message field, with the logprobs of the tokens in it.
+
+    kind is "reasoning_content" or "content". logprobs is None unless the request asked
+    for them; then a list, possibly empty: each token rides with the first text emitted at
+    or after it, so the deltas' lists add up to the choice's whole list.
+    """
 
     kind: str
     text: str
     index: int = 0  # the choice, 0 .. n-1
+    logprobs: list[TokenLogprob] | None = None
 
 
 class GenerationSink(Protocol):
@@ -1062,6 +1083,46 @@ class Detokenizer:
         return text
 
 
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet backwards: byte-level BPE (Qwen's tokenizer) spells each
+    byte of a token as one printable character; this maps the characters back to bytes."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(map(chr, printable + [0x100 + i for i in range(len(others))]), printable + others))
+
+
+class TokenTexts:
+    """A token id as logprobs show it: (text, UTF-8 bytes), cached per id (worker thread).
+
+    The bytes are the token's own, also for a token holding part of a multi-byte character
+    (clients join such bytes); its text is then written `bytes:\\xe4\\xbd`, as OpenAI does.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_of = byte_level_decoder()
+        self.literal = set(tokenizer.added_tokens_decoder)  # special and added tokens are spelled as-is
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.cache:
+            self.cache[token] = self._describe(token)
+        return self.cache[token]
+
+    def _describe(self, token: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:  # the logits are wider than the vocabulary
+            return "", []
+        if token in self.literal or any(c not in self.byte_of for c in piece):
+            raw = (piece if token in self.literal else self.tokenizer.decode([token])).encode()
+        else:
+            raw = bytes(self.byte_of[c] for c in piece)
+        try:
+            return raw.decode(), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
 class Stopping:
     """The one stop decision for a row after each token: the reason it ends, or None.
 
@@ -1120,6 +1181,7 @@ class Row:
     last: int = -1
     generated: int = 0
     index: int = 0  # which choice of its job this row decodes
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not out yet
 
 
 class Batch:
@@ -1239,16 +1301,45 @@ def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
     return (indices.gather(-1, picks) if indices is not None else picks).reshape(-1).tolist()
 
 
+LOGPROB_FLOOR = -9999.0  # stands for -inf (a masked token), which JSON cannot carry
+
+
+def token_logprobs(scores: torch.Tensor, tokens: list[int], tops: list[int], texts: TokenTexts) -> list[TokenLogprob]:
+    """Logprobs of the picked tokens, and each row's `tops[i]` most probable alternatives.
+
+    scores: [rows, vocab], each row as its sampler got it: after logit_bias, penalties
+    and the min_tokens EOS mask, before temperature, top-k and top-p. So a greedy row's
+    picked token is its most probable one, and a seed's draws do not change the numbers.
+    Cost at Qwen's 151,936-token vocabulary on one CPU thread: log_softmax ~0.3 ms and
+    topk(20) ~0.9 ms a row per step; only rows that asked pay it.
+    """
+    logprobs = torch.log_softmax(scores.float(), dim=-1)  # [rows, vocab]
+    picked = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(max(tops), dim=-1)  # [rows, max(tops)], most probable first
+    values, ids = values.tolist(), ids.tolist()
+    return [logprob_entry(texts, token, logprob,
+                          [logprob_entry(texts, i, v) for i, v in zip(ids[r][:tops[r]], values[r][:tops[r]])])
+            for r, (token, logprob) in enumerate(zip(tokens, picked))]
+
+
+def logprob_entry(texts: TokenTexts, token: int, logprob: float, top: list[TokenLogprob] | None = None) -> TokenLogprob:
+    text, raw = texts(token)
+    return TokenLogprob(text, max(logprob, LOGPROB_FLOOR), raw, top or [])
+
+
 def merge_deltas(deltas: list[Delta]) -> list[Delta]:
     """Per choice (in order of first appearance), consecutive deltas to the same field become
-    one, their texts joined."""
+    one: their texts joined, and their logprobs joined in the same order."""
     runs: dict[int, list[Delta]] = {}
     for delta in deltas:
         choice = runs.setdefault(delta.index, [])
-        if choice and choice[-1].kind == delta.kind:
-            choice[-1] = Delta(delta.kind, choice[-1].text + delta.text, delta.index)
-        else:
-            choice.append(delta)
+        if not choice or choice[-1].kind != delta.kind:
+            choice.append(Delta(delta.kind, delta.text, delta.index,
+                                None if delta.logprobs is None else list(delta.logprobs)))
+            continue
+        choice[-1].text += delta.text
+        if choice[-1].logprobs is not None:
+            choice[-1].logprobs.extend(delta.logprobs or [])
     return [delta for choice in runs.values() for delta in choice]
 
 
@@ -1258,7 +1349,7 @@ class Outbox:
     A delivery goes out at once when it carries a job's first text or its end, or when
     the last one is at least STREAM_INTERVAL_MS old; otherwise when the interval is up.
     Steps decoded meanwhile join it, and a job's consecutive deltas become one event per
-    choice and field (merge_deltas). Under load the
+    choice and field (merge_deltas: tokens' logprobs stay with their text). Under load the
     loop gets fewer, larger events instead of one wake-up and one SSE send per token per
     stream; time to first token is never traded for it.
     """
@@ -1328,6 +1419,7 @@ class Worker:
         self.admitted = 0  # slots, from admit() until the choices end or the request fails; event loop only
         self.batch = Batch()
         self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
+        self._texts: TokenTexts | None = None
         self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self.thread.start()
 
@@ -1425,7 +1517,7 @@ class Worker:
             logits, cache, position, rope_delta = prefill(self.models.model, job.inputs)  # logits: [1, vocab]
             for row in rows:
                 row.position, row.rope_delta = position, rope_delta
-            tokens = self._pick(rows, logits.expand(len(rows), -1))
+            tokens, logprobs = self._pick(rows, logits.expand(len(rows), -1))
         except Exception as exc:  # e.g. media the vision tower rejects: this job fails alone
             self._fail(job, 0, exc)
             return
@@ -1435,7 +1527,7 @@ class Worker:
             self._fail(job, 0, exc)
             self._fail_all(exc)
             return
-        self._advance(rows, tokens)
+        self._advance(rows, tokens, logprobs)
 
     def _new_row(self, job: Job, index: int) -> Row:
         """Choice `index` of the job: its own pipeline, stops, penalties and generator (seed + index)."""
@@ -1455,13 +1547,14 @@ class Worker:
         self.metrics.batch_size.observe(len(rows))
         try:
             logits = self.batch.forward(self.models.model)
-            self._advance(rows, self._pick(rows, logits))
+            self._advance(rows, *self._pick(rows, logits))
         except Exception as exc:  # a failed forward leaves no row in a known state
             logger.exception("generation worker: decode step failed")
             self._fail_all(exc)
 
-    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Each row's own logits rules, then sampling in groups of rows that sample alike."""
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's own logits rules, then sampling in groups of rows that sample alike; and
+        the logprobs of the rows that asked for them (the others pay nothing)."""
         scores = [self._adjust(row, logits[i]) for i, row in enumerate(rows)]
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
@@ -1473,7 +1566,23 @@ class Worker:
                                    [rows[i].generator for i in members])
             for i, token in zip(members, picked):
                 tokens[i] = token
-        return tokens
+        return tokens, self._logprobs(rows, scores, tokens)
+
+    def _logprobs(self, rows: list[Row], scores: list[torch.Tensor], tokens: list[int]) -> list[TokenLogprob | None]:
+        asking = [i for i, row in enumerate(rows) if row.job.params.logprobs]
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if asking:
+            found = token_logprobs(torch.stack([scores[i] for i in asking]), [tokens[i] for i in asking],
+                                   [rows[i].job.params.top_logprobs for i in asking], self.token_texts)
+            for i, entry in zip(asking, found):
+                entries[i] = entry
+        return entries
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        if self._texts is None:
+            self._texts = TokenTexts(self.models.processor.tokenizer)
+        return self._texts
 
     def _adjust(self, row: Row, scores: torch.Tensor) -> torch.Tensor:
         """EOS masked until min_tokens; logit_bias and OpenAI penalties."""
@@ -1484,14 +1593,14 @@ class Worker:
             scores = row.penalties(row.ids, scores[None])[0]
         return scores
 
-    def _advance(self, rows: list[Row], tokens: list[int]) -> None:
+    def _advance(self, rows: list[Row], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Stream each row's new token and retire the rows that are done."""
         done: set[Row] = set()
-        for row, token in zip(rows, tokens):
+        for row, token, entry in zip(rows, tokens, logprobs):
             if row in done:  # another choice of its job failed in this step
                 continue
             try:
-                reason = self._accept(row, token)
+                reason = self._accept(row, token, entry)
             except Exception as exc:  # a bug in one row's text handling fails that job only
                 choices = [r for r in self.batch.rows if r.job is row.job and r not in done]
                 self._fail(row.job, sum(r.detokenizer.count for r in choices), exc)
@@ -1503,14 +1612,20 @@ class Worker:
         if done:
             self.batch.drop(done)
 
-    def _accept(self, row: Row, token: int) -> str | None:
-        """Take the row's new token through detokenizer and text pipeline; the reason it ends, if any."""
+    def _accept(self, row: Row, token: int, entry: TokenLogprob | None) -> str | None:
+        """Take the row's new token through detokenizer and text pipeline; the reason it ends, if any.
+
+        Its logprobs wait in row.pending until text is emitted; the EOS that ends a choice
+        is not listed, nor are tokens after the last text (swallowed by a stop string).
+        """
         row.generated += 1
         row.last = token
         if row.ids is not None:
             row.ids = torch.cat([row.ids, row.ids.new_tensor([[token]])], dim=1)
         if row.index == 0:  # latency metrics count requests, not choices
             self._on_token(row.job, row.generated)
+        if entry is not None and token not in self.models.eos_ids:
+            row.pending.append(entry)
         text = row.detokenizer.add(token)
         if text:
             self._emit(row, row.pipeline.feed(text))
@@ -1536,9 +1651,13 @@ class Worker:
         job.last_token_at = now
 
     def _emit(self, row: Row, pieces: list[tuple[str, str]]) -> None:
-        """Post the row's new (field, text) pieces."""
-        if pieces:
-            self.outbox.post(row.job, "deltas", [Delta(kind, text, row.index) for kind, text in pieces])
+        """Post the row's new (field, text) pieces; its pending logprobs ride with the last one."""
+        if not pieces:
+            return
+        deltas = [Delta(kind, text, row.index, [] if row.job.params.logprobs else None) for kind, text in pieces]
+        if row.pending:
+            deltas[-1].logprobs, row.pending = row.pending, []
+        self.outbox.post(row.job, "deltas", deltas)
 
 
 
@@ -1568,6 +1687,18 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def token_logprob_json(entry: TokenLogprob) -> dict:
+    """OpenAI's ChatCompletionTokenLogprob (the Responses API's output logprobs have the same shape)."""
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": entry.bytes,
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in entry.top]}
+
+
+def choice_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    if entries is None:
+        return None
+    return {"content": [token_logprob_json(e) for e in entries], "refusal": None}
+
+
 class ChatChunkShaper:
     """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
 
@@ -1578,11 +1709,11 @@ class ChatChunkShaper:
     """
 
     def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], model: str, include_usage: bool,
-                 prompt_tokens: int, truncated_messages: int = 0, choices: int = 1):
+                 prompt_tokens: int, truncated_messages: int = 0, choices: int = 1, logprobs: bool = False):
         self.log, self.on_close = log, on_close
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
         self.truncated_messages = truncated_messages
-        self.choices = choices
+        self.choices, self.logprobs = choices, logprobs
         self.reasons: dict[int, str] = {}  # finish reason of each choice that ended
         self.completion_tokens = 0  # all choices together
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -1590,14 +1721,16 @@ class ChatChunkShaper:
 
     def start(self) -> None:
         """A role chunk per choice; the first also says how many old messages were dropped to
-        fit the context."""
+        fit the context. With logprobs asked they carry an empty list, so a body assembled
+        from the events reports logprobs even for a choice that emitted no text."""
         extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else None
         for index in range(self.choices):
-            self._chunk(index, {"role": "assistant", "content": ""}, extra=extra if index == 0 else None)
+            self._chunk(index, {"role": "assistant", "content": ""}, logprobs=[] if self.logprobs else None,
+                        extra=extra if index == 0 else None)
 
     def deltas(self, deltas: list[Delta]) -> None:
         for delta in deltas:
-            self._chunk(delta.index, {delta.kind: delta.text})
+            self._chunk(delta.index, {delta.kind: delta.text}, logprobs=delta.logprobs)
 
     def finish(self, reason: str, completion_tokens: int, index: int = 0) -> None:
         self._chunk(index, {}, finish_reason=reason)
@@ -1619,8 +1752,10 @@ class ChatChunkShaper:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None,
+               logprobs: list[TokenLogprob] | None = None, extra: dict | None = None) -> None:
+        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs(logprobs),
+                  "finish_reason": finish_reason}
         self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
 
     def _envelope(self) -> dict:
@@ -1638,17 +1773,23 @@ class ChoiceParts:
 
     content: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    logprobs: list[dict] | None = None  # None unless the request asked for logprobs
     finish_reason: str | None = None
 
     def add(self, choice: dict) -> None:
         self.content.append(choice["delta"].get("content") or "")
         self.reasoning.append(choice["delta"].get("reasoning_content") or "")
+        if choice.get("logprobs") is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(choice["logprobs"]["content"])
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
     def body(self, index: int) -> dict:
         message = {"role": "assistant", "content": "".join(self.content), "refusal": None,
                    "reasoning_content": "".join(self.reasoning) or None}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason}
 
 
 def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str) -> dict:
@@ -2123,7 +2264,7 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
                              state.models.vocab_size)
     shaper = ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
                              bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped,
-                             choices=req.n)
+                             choices=req.n, logprobs=req.logprobs)
     shaper.start()
     return Job(session.id, inputs, params, shaper, reasoning=prompt.rstrip().endswith(ReasoningSplitter.OPEN),
                prompt_tokens=prompt_tokens, cancel=session.cancel_event, started=session.started)

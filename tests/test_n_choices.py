@@ -40,6 +40,15 @@ def choice_outcome(choice: dict) -> tuple:
     return choice["message"]["reasoning_content"], choice["message"]["content"], choice["finish_reason"]
 
 
+def logprob_tokens(choice: dict) -> list:
+    return [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in choice["logprobs"]["content"]]
+
+
+def logprob_values(choice: dict) -> list[float]:
+    entries = choice["logprobs"]["content"]
+    return [v for e in entries for v in [e["logprob"]] + [t["logprob"] for t in e["top_logprobs"]]]
+
+
 def reassembled(events: list[dict]) -> tuple[dict[int, tuple], dict]:
     """Per choice index (reasoning, content, finish reason) from the chunks; and the usage."""
     parts: dict[int, list] = {}
@@ -84,10 +93,14 @@ def test_streamed_choices_reassemble_per_index_with_summed_usage(srv):
 
 def test_stops_penalties_and_bias_apply_per_choice(srv):
     request = {"max_tokens": 40, "seed": 60, "temperature": 1.0, "stop": ["e", "a"], "frequency_penalty": 1.0,
-               "logit_bias": {"5": 2.0}, "min_tokens": 3}
+               "logit_bias": {"5": 2.0}, "min_tokens": 3, "logprobs": True, "top_logprobs": 1}
     body = complete(srv.base_url, n=4, **request)
     singles = [complete(srv.base_url, **{**request, "seed": 60 + i})["choices"][0] for i in range(4)]
     assert [choice_outcome(c) for c in body["choices"]] == [choice_outcome(s) for s in singles]
+    for batched, single in zip(body["choices"], singles):
+        assert logprob_tokens(batched) == logprob_tokens(single)
+        # a row decoded in a batch of 4 may differ from one decoded alone in the last bit of a logit
+        assert logprob_values(batched) == pytest.approx(logprob_values(single), abs=1e-5)
     assert {c["finish_reason"] for c in body["choices"]} <= {"stop", "length"}
 
 
@@ -100,7 +113,8 @@ def test_batch_mixing_n_choices_with_other_rows_keeps_every_row_exact(srv):
     """MAX_BATCH_SIZE 4 and 5 rows: the later jobs wait for rows, then join mid-batch."""
     bodies = [{"max_tokens": 60, "ignore_eos": True, "seed": 1, "temperature": 1.0, "n": 2},
               {"max_tokens": 45, "ignore_eos": True, "temperature": 0},
-              {"max_tokens": 50, "seed": 3, "temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.5, "n": 2}]
+              {"max_tokens": 50, "seed": 3, "temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.5, "n": 2,
+               "logprobs": True}]
     alone = [[choice_outcome(c) for c in complete(srv.base_url, **b)["choices"]] for b in bodies]
     results: dict[int, list] = {}
 
