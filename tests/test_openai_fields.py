@@ -1,4 +1,4 @@
-"""Request and response details the OpenAI spec and SDK rely on (issue #15)."""
+"""Request and response fields the OpenAI spec and SDK rely on (issue #15): nulls, top_p 0, seed, refusal."""
 
 import httpx
 import openai
