@@ -30,7 +30,7 @@ def test_invalid_requests_are_400_with_openai_error(base_url, body, param):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("n", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
 ])
 def test_known_fields_we_cannot_honour_are_refused_by_name(base_url, field, value):
