@@ -2262,11 +2262,14 @@ class SessionLog:
         """Replay events after `after`, then follow live ones until [DONE]."""
         while True:
             changed = self._changed
-            for event in await self.read(after):
+            events = await self.read(after)
+            for event in events:
                 yield event
                 after = event.index
             if self.drained and after >= self.next_index - 1:
                 return
+            if events and after < self.visible:  # older events came from the store: the rest is in the ring
+                continue
             await changed.wait()
 
     async def wait_drained(self) -> None:
@@ -2460,12 +2463,14 @@ def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> tupl
     memory), so it died with an earlier one; if closing it at startup failed too (disk
     full), it reads as interrupted anyway, never as running forever.
     """
-    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta FROM sessions "
-                        "WHERE id=?", (session_id,))
+    # one statement, one snapshot: the row and its last event index agree even while the
+    # writer commits
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta, "
+                        "(SELECT MAX(idx) FROM events WHERE session_id=?) FROM sessions WHERE id=?",
+                        (session_id, session_id))
     if not rows:
         return None
-    status, reason, prompt, completion, meta = rows[0]
-    last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
+    status, reason, prompt, completion, meta, last = rows[0]
     log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
                            outcome=Outcome(status, reason, prompt or 0, completion or 0))
     log.visible = log.next_index - 1
@@ -3279,6 +3284,10 @@ async def lifespan(app: FastAPI):
     writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.persist_sessions else None
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
+        try:  # wait until those closes are committed, so no lookup races them
+            await writer.write("SELECT 1", ())
+        except StoreUnavailable:
+            logger.error("closing interrupted sessions failed (disk full?); lookups report them interrupted")
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
     metrics: Metrics = app.state.metrics
     state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),
