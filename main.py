@@ -436,7 +436,10 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's request body plus vLLM's min_tokens/ignore_eos and our session_id and
-    max_reasoning_tokens."""
+    max_reasoning_tokens.
+
+    A top-level `null` means the field's default (the OpenAI SDK sends null for None).
+    """
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -444,16 +447,18 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps only the most probable token
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64 (as vLLM): seed + choice stays a torch seed
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = 1
+    n: int = Field(1, ge=1)  # at most MAX_BATCH_SIZE (check_choices)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[int, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
@@ -465,8 +470,11 @@ class ChatCompletionRequest(BaseModel):
     max_reasoning_tokens: int | None = Field(None, ge=0)  # wins over reasoning_effort; 0 skips thinking
     # Known OpenAI fields this server cannot honour yet: refused, never ignored.
     functions: list | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
 
     @field_validator("logit_bias", mode="after")
     @classmethod
@@ -486,15 +494,20 @@ class ChatCompletionRequest(BaseModel):
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """A known field we cannot honour is a 400 naming it, never silently ignored."""
-    if req.n != 1:
-        raise invalid("Only n=1 is supported.", "n", "unsupported_parameter")
-    for name in ("functions", "logprobs", "top_logprobs"):
-        if getattr(req, name):
-            raise invalid(f"'{name}' is not supported by this server.", name, "unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs: true.", "top_logprobs", "invalid_value")
+    if req.functions:  # the legacy form of tools
+        raise invalid("'functions' is not supported by this server; use tools.", "functions", "unsupported_parameter")
     check_tool_choice(req)
     for i, message in enumerate(req.messages):
         if message.role == "user" and not message.content:
             raise invalid("User messages need content.", f"messages.{i}.content", "invalid_value")
+
+
+def check_choices(req: ChatCompletionRequest, settings: Settings) -> None:
+    """n choices decode as n rows of one batch, so n is bounded by MAX_BATCH_SIZE."""
+    if req.n > settings.max_batch_size:
+        raise invalid(f"n may be at most {settings.max_batch_size} (MAX_BATCH_SIZE).", "n", "invalid_value")
 
 
 def check_tool_choice(req: ChatCompletionRequest) -> None:
@@ -608,7 +621,7 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     ignore_eos: bool = False  # vLLM's extensions, as on chat
     min_tokens: int = Field(0, ge=0)
     logit_bias: dict[int, float] | None = None
@@ -1063,6 +1076,10 @@ def build_inputs(messages: list[PromptMessage], settings: Settings, processor, c
 
 @dataclass
 class SamplingParams:
+    """How each choice of a request is sampled. Choice i draws from its own generator seeded
+    with seed + i (D22), so choice i of a seeded n-choice request equals a one-choice
+    request with seed + i; without a seed every choice gets a random one."""
+
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -1073,6 +1090,9 @@ class SamplingParams:
     presence_penalty: float
     frequency_penalty: float
     logit_bias: dict[int, float]
+    n: int = 1  # choices, each its own row
+    logprobs: bool = False
+    top_logprobs: int = 0  # most probable alternatives listed with each token's logprob
     max_reasoning_tokens: int | None = None  # `</think>` is forced after this many (D53); None: no cap
 
     @property
@@ -1095,7 +1115,8 @@ def sampling_params(req: ChatCompletionRequest, s: Settings, prompt_tokens: int,
         seed=req.seed, stop=req.stop,
         min_tokens=max_new if req.ignore_eos else min(req.min_tokens, max_new),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        logit_bias=checked_logit_bias(req.logit_bias, vocab_size), max_reasoning_tokens=reasoning_budget(req))
+        logit_bias=checked_logit_bias(req.logit_bias, vocab_size),
+        n=req.n, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0, max_reasoning_tokens=reasoning_budget(req))
 
 
 def reasoning_budget(req: ChatCompletionRequest) -> int | None:
@@ -1857,21 +1878,60 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- engine
 
-class GenerationSink(Protocol):
-    """Where a generation's output goes: the one interface between engine and event shapers.
+@dataclass
+class TokenLogprob:
+    """One generated token as logprobs list it: its text, log probability and UTF-8 bytes,
+    and (`top`) the most probable tokens at that step, most probable first."""
 
-    Called on the event loop (the Outbox delivers), in order: deltas any number of times,
-    then exactly one of finish or fail. A shaper turns these into protocol events.
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New text of one choice for one message field, with the logprobs of the tokens in it.
+
+    kind is "reasoning_content", "content" or "tool_call" (then `call` holds the event).
+    logprobs is None unless the request asked for them; then a list, possibly empty: each
+    token rides with the first delta emitted at or after it, so the deltas' lists add up
+    to the choice's whole list.
     """
 
-    def deltas(self, pieces: list[Piece]) -> None:
-        """("reasoning_content" | "content", text) pieces, and ("tool_call", ToolCallEvent)."""
+    kind: str
+    text: str
+    index: int = 0  # the choice, 0 .. n-1
+    logprobs: list[TokenLogprob] | None = None
+    call: ToolCallEvent | None = None  # kind "tool_call" (text ""): a call's start, argument text or end
 
-    def finish(self, reason: str, completion_tokens: int) -> None:
-        """reason: stop, tool_calls, length, cancelled or timeout."""
+
+def piece_delta(kind: str, value: Any, index: int = 0, logprobs: list[TokenLogprob] | None = None) -> Delta:
+    """A text-pipeline piece as a Delta: text for a message field, the event for a tool call."""
+    if kind == "tool_call":
+        return Delta(kind, "", index, logprobs, value)
+    return Delta(kind, value, index, logprobs)
+
+
+class GenerationSink(Protocol):
+    """Where a generation's output goes: the one interface between engine and event shapers (D4).
+
+    Called on the event loop (the Outbox delivers), in order: deltas any number of times,
+    then finish once per choice (each when that choice ends), or one fail that ends the
+    choices still running. A shaper is told n when it is made and closes its stream after
+    the n-th finish or the fail; with n = 1 that is exactly one finish or fail.
+    """
+
+    def deltas(self, deltas: list[Delta]) -> None:
+        """New text and tool-call events; per choice, consecutive deltas to one field (and one
+        call's argument text) are already merged."""
+
+    def finish(self, reason: str, completion_tokens: int, index: int = 0) -> None:
+        """Choice `index` ended: stop, tool_calls, length, cancelled or timeout, after
+        completion_tokens tokens."""
 
     def fail(self, message: str, completion_tokens: int) -> None:
-        """The generation broke; message is safe to show."""
+        """The generation broke; message is safe to show; tokens of the choices still running."""
 
 
 @dataclass
@@ -1901,6 +1961,7 @@ class Job:
     last_token_at: float = 0.0
     counts: TokenCounts = field(default_factory=TokenCounts)
     text_posted: bool = False  # the worker has posted this job's first text
+    running: int = 0  # choices started and not yet ended (worker thread)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -1949,6 +2010,46 @@ class Detokenizer:
         text = self.decode(self.cache)[self.printed:] if self.cache else ""
         self.cache, self.printed = [], 0
         return text
+
+
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet backwards: byte-level BPE (Qwen's tokenizer) spells each
+    byte of a token as one printable character; this maps the characters back to bytes."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(map(chr, printable + [0x100 + i for i in range(len(others))]), printable + others))
+
+
+class TokenTexts:
+    """A token id as logprobs show it: (text, UTF-8 bytes), cached per id (worker thread).
+
+    The bytes are the token's own, also for a token holding part of a multi-byte character
+    (clients join such bytes); its text is then written `bytes:\\xe4\\xbd`, as OpenAI does.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_of = byte_level_decoder()
+        self.literal = set(tokenizer.added_tokens_decoder)  # special and added tokens are spelled as-is
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.cache:
+            self.cache[token] = self._describe(token)
+        return self.cache[token]
+
+    def _describe(self, token: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None:  # the logits are wider than the vocabulary
+            return "", []
+        if token in self.literal or any(c not in self.byte_of for c in piece):
+            raw = (piece if token in self.literal else self.tokenizer.decode([token])).encode()
+        else:
+            raw = bytes(self.byte_of[c] for c in piece)
+        try:
+            return raw.decode(), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
 class Stopping:
@@ -2013,6 +2114,8 @@ class Row:
     rope_delta: int = 0  # M-RoPE offset of this row's t/h/w positions (from its vision tokens)
     last: int = -1
     generated: int = 0
+    index: int = 0  # which choice of its job this row decodes
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not out yet
     constraint: RowConstraint | None = None  # the job's grammar, this row's state of it
     budget: ReasoningBudget | None = None
 
@@ -2029,17 +2132,20 @@ class Batch:
         self.rows: list[Row] = []
         self.cache = self.mask = None
 
-    def join(self, row: Row, cache) -> None:
-        mask = torch.ones(1, row.position, dtype=torch.long, device=cache.layers[0].keys.device)
+    def join(self, rows: list[Row], cache) -> None:
+        """Add one prefilled prompt as the rows of its choices, each with its own copy of the cache."""
+        if len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
+        mask = torch.ones(len(rows), rows[0].position, dtype=torch.long, device=cache.layers[0].keys.device)
         if not self.rows:
             self.cache, self.mask = cache, mask
         else:
-            width = max(self.mask.shape[1], row.position)
+            width = max(self.mask.shape[1], rows[0].position)
             self.mask = torch.cat([left_pad(self.cache, self.mask, width), left_pad(cache, mask, width)])
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     def forward(self, model):
         """One decode step for every row: (rows, vocab) logits."""
@@ -2122,11 +2228,68 @@ def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
     values, indices = scores.topk(k, dim=-1) if k < vocab or p.top_p < 1 else (scores, None)
     probs = torch.softmax(values.float() / p.temperature, dim=-1)
     if p.top_p < 1:
-        probs = probs * ((probs.cumsum(-1) - probs) < p.top_p)
+        keep = (probs.cumsum(-1) - probs) < p.top_p
+        keep[:, 0] = True  # the most probable token always stays (top_p 0 keeps only it)
+        probs = probs * keep
     cdf = probs.cumsum(-1)
     draws = torch.tensor([torch.rand((), generator=g).item() for g in generators], dtype=cdf.dtype)
     picks = torch.searchsorted(cdf, (draws.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)).clamp(max=k - 1)
     return (indices.gather(-1, picks) if indices is not None else picks).reshape(-1).tolist()
+
+
+LOGPROB_FLOOR = -9999.0  # stands for -inf (a masked token), which JSON cannot carry
+
+
+def token_logprobs(scores: torch.Tensor, tokens: list[int], tops: list[int], texts: TokenTexts) -> list[TokenLogprob]:
+    """Logprobs of the picked tokens, and each row's `tops[i]` most probable alternatives.
+
+    scores: [rows, vocab], each row as its sampler got it: after logit_bias, penalties
+    and the min_tokens EOS mask, before temperature, top-k and top-p. So a greedy row's
+    picked token is its most probable one, and a seed's draws do not change the numbers.
+    Cost at Qwen's 151,936-token vocabulary on one CPU thread: log_softmax ~0.3 ms and
+    topk(20) ~0.9 ms a row per step; only rows that asked pay it.
+    """
+    logprobs = torch.log_softmax(scores.float(), dim=-1)  # [rows, vocab]
+    picked = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, ids = logprobs.topk(max(tops), dim=-1)  # [rows, max(tops)], most probable first
+    values, ids = values.tolist(), ids.tolist()
+    return [logprob_entry(texts, token, logprob,
+                          [logprob_entry(texts, i, v) for i, v in zip(ids[r][:tops[r]], values[r][:tops[r]])])
+            for r, (token, logprob) in enumerate(zip(tokens, picked))]
+
+
+def logprob_entry(texts: TokenTexts, token: int, logprob: float, top: list[TokenLogprob] | None = None) -> TokenLogprob:
+    text, raw = texts(token)
+    return TokenLogprob(text, max(logprob, LOGPROB_FLOOR), raw, top or [])
+
+
+def merge_deltas(deltas: list[Delta]) -> list[Delta]:
+    """Per choice (in order of first appearance), consecutive deltas to the same field become
+    one, and so does consecutive argument text of one tool call: texts joined, logprobs
+    joined in the same order. A call's start and end stay deltas of their own."""
+    runs: dict[int, list[Delta]] = {}
+    for delta in deltas:
+        choice = runs.setdefault(delta.index, [])
+        if not choice or not mergeable(choice[-1], delta):
+            choice.append(Delta(delta.kind, delta.text, delta.index,
+                                None if delta.logprobs is None else list(delta.logprobs), delta.call))
+            continue
+        last = choice[-1]
+        last.text += delta.text
+        if isinstance(delta.call, ToolCallArguments):
+            last.call = ToolCallArguments(last.call.index, last.call.text + delta.call.text)
+        if last.logprobs is not None:
+            last.logprobs.extend(delta.logprobs or [])
+    return [delta for choice in runs.values() for delta in choice]
+
+
+def mergeable(last: Delta, delta: Delta) -> bool:
+    if last.kind != delta.kind:
+        return False
+    if delta.kind != "tool_call":
+        return True
+    return (isinstance(last.call, ToolCallArguments) and isinstance(delta.call, ToolCallArguments)
+            and last.call.index == delta.call.index)
 
 
 class Outbox:
@@ -2134,21 +2297,23 @@ class Outbox:
 
     A delivery goes out at once when it carries a job's first text or its end, or when
     the last one is at least STREAM_INTERVAL_MS old; otherwise when the interval is up.
-    Steps decoded meanwhile join it, and a job's consecutive deltas become one event.
-    Under load the loop gets fewer, larger events instead of one wake-up and one SSE
-    send per token per stream; time to first token is never traded for it.
+    Steps decoded meanwhile join it, and a job's consecutive deltas become one event per
+    choice and field (merge_deltas: tokens' logprobs stay with their text). Under load the
+    loop gets fewer, larger events instead of one wake-up and one SSE send per token per
+    stream; time to first token is never traded for it.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[], None], interval: float):
+    def __init__(self, loop: asyncio.AbstractEventLoop, release: Callable[[int], None], interval: float):
         self.loop, self.release, self.interval = loop, release, interval
-        self.items: list[tuple[Job, str, tuple]] = []
+        self.items: list[tuple[Job, str, tuple, int]] = []
         self.scheduled = self.urgent = False
         self.last_delivery = 0.0
         self.lock = threading.Lock()
 
-    def post(self, job: Job, kind: Literal["deltas", "finish", "fail"], *args) -> None:
+    def post(self, job: Job, kind: Literal["deltas", "finish", "fail"], *args, slots: int = 0) -> None:
+        """Queue one sink call; its `slots` admission slots are freed once it is delivered (D15)."""
         with self.lock:
-            self.items.append((job, kind, args))
+            self.items.append((job, kind, args, slots))
             self.urgent = self.urgent or kind != "deltas" or not job.text_posted
         job.text_posted = True
 
@@ -2168,20 +2333,20 @@ class Outbox:
         with self.lock:
             items, self.items, self.scheduled = self.items, [], False
             self.last_delivery = time.monotonic()
-        pending: dict[Job, list] = {}
-        for job, kind, args in items:
+        pending: dict[Job, list[Delta]] = {}
+        for job, kind, args, slots in items:
             if kind == "deltas":
                 pending.setdefault(job, []).extend(args[0])
                 continue
             if job in pending:
-                job.sink.deltas(pending.pop(job))
+                job.sink.deltas(merge_deltas(pending.pop(job)))
             if kind == "finish":
                 job.sink.finish(*args)
             else:
                 job.sink.fail(*args)
-            self.release()  # the job's slot is free again
-        for job, pieces in pending.items():
-            job.sink.deltas(pieces)
+            self.release(slots)  # the rows of the choices that ended are free again
+        for job, deltas in pending.items():
+            job.sink.deltas(merge_deltas(deltas))
 
 
 
@@ -2189,31 +2354,35 @@ class Worker:
     """The generation engine: one thread running a continuous-batching decode loop.
 
     Between decode steps it admits waiting jobs: each is prefilled alone (its images and
-    video only there), its first token sampled, and its KV cache joined to the running
-    batch (left-padded). Every step decodes one token for every row; rows that finish,
-    are cancelled or fail leave at once. The rest of the server only calls admit(),
-    submit(), cancel_waiting() and release(); session and SSE code never see rows.
+    video only there), and its n choices join the running batch as n rows, each with a
+    copy of the KV cache (left-padded) and its first token sampled from the one prefill.
+    Every step decodes one token for every row; rows that finish, are cancelled or fail
+    leave at once. The rest of the server only calls admit(), submit(), cancel_waiting()
+    and release(); session and SSE code never see rows.
     """
 
     def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop):
         self.models, self.settings, self.metrics, self.loop = models, settings, metrics, loop
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.admitted = 0  # from admit() until the job ends or its request fails; event loop only
+        self.next_job: Job | None = None  # taken from the queue, waiting for rows to free (worker thread)
+        self.admitted = 0  # slots, from admit() until the choices end or the request fails; event loop only
         self.batch = Batch()
         self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
+        self._texts: TokenTexts | None = None
         self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self.thread.start()
 
     # -- called on the event loop
 
-    def admit(self) -> None:
-        """Take a slot, or 429 before any media is decoded when running + queued are full."""
-        if self.admitted >= self.settings.max_batch_size + self.settings.max_queue:
+    def admit(self, slots: int = 1) -> None:
+        """Take a request's slots (one per choice: each decodes as a row), or 429 before any
+        media is decoded when running + queued would pass MAX_BATCH_SIZE + MAX_QUEUE."""
+        if self.admitted + slots > self.settings.max_batch_size + self.settings.max_queue:
             raise QueueFull("The server is busy; retry shortly.", retry_after=2)
-        self.admitted += 1
+        self.admitted += slots
 
-    def release(self) -> None:
-        self.admitted -= 1
+    def release(self, slots: int = 1) -> None:
+        self.admitted -= slots
 
     @property
     def running_count(self) -> int:
@@ -2230,8 +2399,9 @@ class Worker:
         """Finish a job that has not started yet; False if the worker already has it."""
         if not job.claim():
             return False
-        self.release()
-        job.sink.finish("cancelled", 0)
+        self.release(job.params.n)
+        for index in range(job.params.n):
+            job.sink.finish("cancelled", 0, index)
         return True
 
     def stop(self) -> None:
@@ -2257,20 +2427,29 @@ class Worker:
 
     def _fail_all(self, exc: Exception) -> None:
         rows = list(self.batch.rows)
-        for row in rows:
-            self._fail(row.job, row.detokenizer.count, exc)
+        for job in dict.fromkeys(row.job for row in rows):
+            self._fail(job, sum(row.detokenizer.count for row in rows if row.job is job), exc)
         self.batch.drop(set(rows))
 
     def _admit_waiting(self) -> bool:
-        """Admit waiting jobs up to MAX_BATCH_SIZE and the step's prefill budget; False once stopped."""
+        """Admit waiting jobs in order while their choices fit in MAX_BATCH_SIZE rows and the
+        step's prefill budget lasts; False once stopped. A job whose choices do not fit yet
+        waits for rows to free, and nothing overtakes it."""
         budget = self.settings.max_prefill_tokens_per_step
-        while len(self.batch.rows) < self.settings.max_batch_size and budget > 0:
-            try:
-                job = self.jobs.get(block=not self.batch.rows)
-            except queue.Empty:
+        while budget > 0:
+            if self.next_job is None:
+                if len(self.batch.rows) >= self.settings.max_batch_size:
+                    return True
+                try:
+                    self.next_job = self.jobs.get(block=not self.batch.rows)
+                except queue.Empty:
+                    return True
+                if self.next_job is None:
+                    return False
+            job = self.next_job
+            if not job.claimed and len(self.batch.rows) + job.params.n > self.settings.max_batch_size:
                 return True
-            if job is None:
-                return False
+            self.next_job = None
             if job.claim():
                 budget -= job.prompt_tokens
                 self._start(job)
@@ -2278,34 +2457,39 @@ class Worker:
         return True
 
     def _start(self, job: Job) -> None:
-        """Prefill one job alone and join it to the batch; a failure fails this job only."""
+        """Prefill one job alone and join its choices to the batch; a failure fails this job only."""
         timeout = self.settings.generation_timeout_seconds
         job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+        job.running = job.params.n
         try:
-            row = self._new_row(job)
-            logits, cache, row.position, row.rope_delta = prefill(self.models.model, job.inputs)
-            token = self._pick([row], logits)[0]
-        except Exception as exc:  # e.g. media the vision tower rejects: this row fails alone
+            rows = [self._new_row(job, index) for index in range(job.params.n)]
+            logits, cache, position, rope_delta = prefill(self.models.model, job.inputs)  # logits: [1, vocab]
+            for row in rows:
+                row.position, row.rope_delta = position, rope_delta
+            tokens, logprobs = self._pick(rows, logits.expand(len(rows), -1))
+        except Exception as exc:  # e.g. media the vision tower rejects: this job fails alone
             self._fail(job, 0, exc)
             return
         try:
-            self.batch.join(row, cache)
+            self.batch.join(rows, cache)
         except Exception as exc:  # a half-joined cache is unusable for every row
             self._fail(job, 0, exc)
             self._fail_all(exc)
             return
-        self._advance([row], [token])
+        self._advance(rows, tokens, logprobs)
 
-    def _new_row(self, job: Job) -> Row:
+    def _new_row(self, job: Job, index: int) -> Row:
+        """Choice `index` of the job: its own pipeline, stops, penalties and generator (seed + index)."""
         p = job.params
         pipeline = TextPipeline(p.stop, job.reasoning, job.tools)
-        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        seed = p.seed + index if p.seed is not None else secrets.randbits(63)
         penalties = ids = None
         if p.presence_penalty or p.frequency_penalty or p.logit_bias:
             penalties = Penalties(job.prompt_tokens, p)
             ids = job.inputs["input_ids"].to(self.models.model.device)
         row = Row(job, Detokenizer(self.models.processor.tokenizer), pipeline,
-                  Stopping(job, pipeline, self.models.eos_ids), penalties, torch.Generator().manual_seed(seed), ids)
+                  Stopping(job, pipeline, self.models.eos_ids), penalties, torch.Generator().manual_seed(seed), ids,
+                  index=index)
         row.constraint, row.budget = self._controls(job)
         return row
 
@@ -2323,13 +2507,14 @@ class Worker:
         self.metrics.batch_size.observe(len(rows))
         try:
             logits = self.batch.forward(self.models.model)
-            self._advance(rows, self._pick(rows, logits))
+            self._advance(rows, *self._pick(rows, logits))
         except Exception as exc:  # a failed forward leaves no row in a known state
             logger.exception("generation worker: decode step failed")
             self._fail_all(exc)
 
-    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Each row's own logits rules, then sampling in groups of rows that sample alike."""
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's own logits rules, then sampling in groups of rows that sample alike; and
+        the logprobs of the rows that asked for them (the others pay nothing)."""
         scores = [self._adjust(row, logits[i]) for i, row in enumerate(rows)]
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
@@ -2341,7 +2526,23 @@ class Worker:
                                    [rows[i].generator for i in members])
             for i, token in zip(members, picked):
                 tokens[i] = token
-        return tokens
+        return tokens, self._logprobs(rows, scores, tokens)
+
+    def _logprobs(self, rows: list[Row], scores: list[torch.Tensor], tokens: list[int]) -> list[TokenLogprob | None]:
+        asking = [i for i, row in enumerate(rows) if row.job.params.logprobs]
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if asking:
+            found = token_logprobs(torch.stack([scores[i] for i in asking]), [tokens[i] for i in asking],
+                                   [rows[i].job.params.top_logprobs for i in asking], self.token_texts)
+            for i, entry in zip(asking, found):
+                entries[i] = entry
+        return entries
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        if self._texts is None:
+            self._texts = TokenTexts(self.models.processor.tokenizer)
+        return self._texts
 
     def _adjust(self, row: Row, scores: torch.Tensor) -> torch.Tensor:
         """EOS masked until min_tokens; logit_bias and OpenAI penalties; then the reasoning
@@ -2361,15 +2562,18 @@ class Worker:
                 row.constraint.mask(scores)
         return scores
 
-    def _advance(self, rows: list[Row], tokens: list[int]) -> None:
+    def _advance(self, rows: list[Row], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Stream each row's new token and retire the rows that are done."""
-        done = set()
-        for row, token in zip(rows, tokens):
+        done: set[Row] = set()
+        for row, token, entry in zip(rows, tokens, logprobs):
+            if row in done:  # another choice of its job failed in this step
+                continue
             try:
-                reason = self._accept(row, token)
-            except Exception as exc:  # a bug in one row's text handling fails that row only
-                self._fail(row.job, row.detokenizer.count, exc)
-                done.add(row)
+                reason = self._accept(row, token, entry)
+            except Exception as exc:  # a bug in one row's text handling fails that job only
+                choices = [r for r in self.batch.rows if r.job is row.job and r not in done]
+                self._fail(row.job, sum(r.detokenizer.count for r in choices), exc)
+                done.update(choices)
                 continue
             if reason:
                 self._finish(row, reason)
@@ -2377,8 +2581,12 @@ class Worker:
         if done:
             self.batch.drop(done)
 
-    def _accept(self, row: Row, token: int) -> str | None:
-        """Take the row's new token through detokenizer and text pipeline; the reason it ends, if any."""
+    def _accept(self, row: Row, token: int, entry: TokenLogprob | None) -> str | None:
+        """Take the row's new token through detokenizer and text pipeline; the reason it ends, if any.
+
+        Its logprobs wait in row.pending until text is emitted; the EOS that ends a choice
+        is not listed, nor are tokens after the last text (swallowed by a stop string).
+        """
         row.generated += 1
         row.last = token
         if row.ids is not None:
@@ -2386,22 +2594,29 @@ class Worker:
         if row.budget is not None:
             row.budget.advance(token)
         if row.constraint is not None:
-            row.constraint.advance(token)  # ConstraintViolation fails this row alone (_advance)
-        self._on_token(row.job, row.generated)
+            row.constraint.advance(token)  # ConstraintViolation fails this row's job alone (_advance)
+        row.job.counts.generated += 1  # over all choices, for usage read while it runs
         if row.pipeline.split.reasoning:  # still thinking when this token came: a reasoning token
             row.job.counts.reasoning += 1
+        if row.index == 0:  # latency metrics count requests, not choices
+            self._on_token(row.job, row.generated)
+        if entry is not None and token not in self.models.eos_ids:
+            row.pending.append(entry)
         text = row.detokenizer.add(token)
         if text:
-            self._emit(row.job, row.pipeline.feed(text))
+            self._emit(row, row.pipeline.feed(text))
         return row.stopping.reason(token, row.generated)
 
     def _finish(self, row: Row, reason: str) -> None:
-        self._emit(row.job, row.pipeline.feed(row.detokenizer.flush()) + row.pipeline.flush())
-        self.outbox.post(row.job, "finish", row.stopping.final(reason), row.detokenizer.count)
+        self._emit(row, row.pipeline.feed(row.detokenizer.flush()) + row.pipeline.flush())
+        row.job.running -= 1
+        self.outbox.post(row.job, "finish", row.stopping.final(reason), row.detokenizer.count, row.index, slots=1)
 
     def _fail(self, job: Job, tokens: int, exc: Exception) -> None:
+        """End the job's choices that are still running (a job fails as a whole)."""
         logger.error("session %s generation failed: %s", job.id, type(exc).__name__, exc_info=exc)
-        self.outbox.post(job, "fail", f"Generation failed: {type(exc).__name__}.", tokens)
+        slots, job.running = job.running, 0
+        self.outbox.post(job, "fail", f"Generation failed: {type(exc).__name__}.", tokens, slots=slots)
 
     def _on_token(self, job: Job, count: int) -> None:
         now = time.monotonic()
@@ -2410,11 +2625,16 @@ class Worker:
         else:
             self.metrics.token_latency.observe(now - job.last_token_at)
         job.last_token_at = now
-        job.counts.generated = count
 
-    def _emit(self, job: Job, pieces: list[Piece]) -> None:
-        if pieces:
-            self.outbox.post(job, "deltas", pieces)
+    def _emit(self, row: Row, pieces: list[Piece]) -> None:
+        """Post the row's new pieces as deltas; its pending logprobs ride with the last one."""
+        if not pieces:
+            return
+        deltas = [piece_delta(kind, value, row.index, [] if row.job.params.logprobs else None)
+                  for kind, value in pieces]
+        if row.pending:
+            deltas[-1].logprobs, row.pending = row.pending, []
+        self.outbox.post(row.job, "deltas", deltas)
 
 
 
@@ -2445,34 +2665,31 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def merge_pieces(pieces: list[Piece]) -> list[Piece]:
-    """Consecutive text of one field, and consecutive argument text of one call, as one piece."""
-    merged: list[Piece] = []
-    for name, value in pieces:
-        last = merged[-1][1] if merged else None
-        if merged and name == merged[-1][0] != "tool_call":
-            merged[-1] = (name, last + value)
-        elif isinstance(value, ToolCallArguments) and isinstance(last, ToolCallArguments) and value.index == last.index:
-            merged[-1] = (name, ToolCallArguments(value.index, last.text + value.text))
-        else:
-            merged.append((name, value))
-    return merged
+def token_logprob_json(entry: TokenLogprob) -> dict:
+    """OpenAI's ChatCompletionTokenLogprob (the Responses API's output logprobs have the same shape)."""
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": entry.bytes,
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in entry.top]}
 
 
-def chunk_delta(name: str, value: Any, reasoning_fields: tuple[str, ...]) -> dict | None:
-    """A piece as a chat.completion.chunk delta: reasoning under each of REASONING_FIELDS
+def choice_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    if entries is None:
+        return None
+    return {"content": [token_logprob_json(e) for e in entries], "refusal": None}
+
+
+def chunk_delta(delta: Delta, reasoning_fields: tuple[str, ...]) -> dict:
+    """A delta as a chat.completion.chunk delta: reasoning under each of REASONING_FIELDS
     (D56); a call's start with its id, type and name, then its argument text (OpenAI's
-    shape); None when there is nothing to send (a call's end, reasoning sent nowhere)."""
-    if name == "reasoning_content":
-        return {field_name: value for field_name in reasoning_fields} or None
-    if name == "content":
-        return {"content": value}
-    if isinstance(value, ToolCallStart):
-        function = {"name": value.name, "arguments": ""}
-        return {"tool_calls": [{"index": value.index, "id": value.id, "type": "function", "function": function}]}
-    if isinstance(value, ToolCallArguments):
-        return {"tool_calls": [{"index": value.index, "function": {"arguments": value.text}}]}
-    return None
+    shape); {} when there is nothing to say (a call's end, reasoning sent nowhere)."""
+    call = delta.call
+    if delta.kind == "reasoning_content":
+        return {field_name: delta.text for field_name in reasoning_fields}
+    if isinstance(call, ToolCallStart):
+        function = {"name": call.name, "arguments": ""}
+        return {"tool_calls": [{"index": call.index, "id": call.id, "type": "function", "function": function}]}
+    if isinstance(call, ToolCallArguments):
+        return {"tool_calls": [{"index": call.index, "function": {"arguments": call.text}}]}
+    return {"content": delta.text} if delta.kind == "content" else {}
 
 
 def chat_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int) -> dict:
@@ -2485,47 +2702,65 @@ class ChatChunkShaper:
     """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
 
     The one place that shapes chunks, finish reasons and usage; the non-streamed
-    response is assembled from the same events (chat_completion_body).
+    response is assembled from the same events (chat_completion_body). Each chunk
+    carries one choice; with n choices, each has its own role chunk, deltas and finish
+    chunk, and the usage chunk and [DONE] follow the last choice's end.
     """
 
     def __init__(self, log: EventLog, on_close: Callable[[Outcome], None], model: str, include_usage: bool,
-                 prompt_tokens: int, truncated_messages: int = 0, counts: TokenCounts | None = None,
+                 prompt_tokens: int, truncated_messages: int = 0, choices: int = 1, logprobs: bool = False,
+                 counts: TokenCounts | None = None,
                  reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")):
         self.log, self.on_close = log, on_close
         self.model, self.include_usage, self.prompt_tokens = model, include_usage, prompt_tokens
         self.truncated_messages = truncated_messages
+        self.choices, self.logprobs = choices, logprobs
+        self.reasons: dict[int, str] = {}  # finish reason of each choice that ended
+        self.completion_tokens = 0  # all choices together
         self.counts, self.reasoning_fields = counts or TokenCounts(), reasoning_fields
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def start(self) -> None:
-        """The role chunk; it also says how many old messages were dropped to fit the context."""
-        extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else {}
-        self._chunk({"role": "assistant", "content": ""}, extra=extra)
+        """A role chunk per choice; the first also says how many old messages were dropped to
+        fit the context. With logprobs asked they carry an empty list, so a body assembled
+        from the events reports logprobs even for a choice that emitted no text."""
+        extra = {"truncated_messages": self.truncated_messages} if self.truncated_messages else None
+        for index in range(self.choices):
+            self._chunk(index, {"role": "assistant", "content": ""}, logprobs=[] if self.logprobs else None,
+                        extra=extra if index == 0 else None)
 
-    def deltas(self, pieces: list[Piece]) -> None:
-        """One chunk per run of text going to the same field, or of one call's arguments."""
-        for name, value in merge_pieces(pieces):
-            delta = chunk_delta(name, value, self.reasoning_fields)
-            if delta:
-                self._chunk(delta)
+    def deltas(self, deltas: list[Delta]) -> None:
+        """A chunk per delta; one with nothing to say is left out unless it carries logprobs."""
+        for delta in deltas:
+            chunk = chunk_delta(delta, self.reasoning_fields)
+            if chunk or delta.logprobs:
+                self._chunk(delta.index, chunk, logprobs=delta.logprobs)
 
-    def finish(self, reason: str, completion_tokens: int) -> None:
-        self._chunk({}, reason)
+    def finish(self, reason: str, completion_tokens: int, index: int = 0) -> None:
+        self._chunk(index, {}, finish_reason=reason)
+        self.reasons[index] = reason
+        self.completion_tokens += completion_tokens
+        if len(self.reasons) < self.choices:
+            return
         if self.include_usage:
-            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(completion_tokens)}))
-        status = "cancelled" if reason == "cancelled" else "completed"
-        self._close(Outcome(status, reason, self.prompt_tokens, completion_tokens, self.counts.reasoning))
+            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(self.completion_tokens)}))
+        status = "cancelled" if "cancelled" in self.reasons.values() else "completed"
+        self._close(Outcome(status, self.reasons[0], self.prompt_tokens, self.completion_tokens,
+                            self.counts.reasoning))
 
     def fail(self, message: str, completion_tokens: int) -> None:
+        self.completion_tokens += completion_tokens
         self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
-        self._close(Outcome("failed", None, self.prompt_tokens, completion_tokens, self.counts.reasoning))
+        self._close(Outcome("failed", None, self.prompt_tokens, self.completion_tokens, self.counts.reasoning))
 
     def usage(self, completion_tokens: int) -> dict:
         return chat_usage(self.prompt_tokens, completion_tokens, self.counts.reasoning)
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> None:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None,
+               logprobs: list[TokenLogprob] | None = None, extra: dict | None = None) -> None:
+        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs(logprobs),
+                  "finish_reason": finish_reason}
         self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
 
     def _envelope(self) -> dict:
@@ -2537,42 +2772,36 @@ class ChatChunkShaper:
         self.on_close(outcome)
 
 
-def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str,
-                         reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")) -> dict:
-    """The chat.completion that a session's chunk events add up to, with the session's status."""
-    deltas: list[dict] = []
-    chunk_id, error, truncated = f"chatcmpl-{session_id}", None, 0
-    for data in events:
-        if data == "[DONE]":
-            continue
-        chunk = json.loads(data)
-        error = chunk.get("error", error)
-        truncated = chunk.get("truncated_messages", truncated)
-        chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
-        deltas += [choice["delta"] for choice in chunk.get("choices", [])]
-    body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": chat_message(deltas, reasoning_fields), "logprobs": None,
-                         "finish_reason": outcome.finish_reason}],
-            "usage": chat_usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens),
-            "session_id": session_id, "status": outcome.status}
-    if truncated:
-        body["truncated_messages"] = truncated
-    if error:
-        body["error"] = error
-    return body
+@dataclass
+class ChoiceParts:
+    """One choice of a chat.completion, as its chunks add up."""
 
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)  # the tool_calls entries of the deltas, in order
+    logprobs: list[dict] | None = None  # None unless the request asked for logprobs
+    finish_reason: str | None = None
 
-def chat_message(deltas: list[dict], reasoning_fields: tuple[str, ...]) -> dict:
-    """The assistant message that chunk deltas add up to; content is null when the reply
-    is only tool calls, as OpenAI sends it."""
-    content = "".join(delta.get("content") or "" for delta in deltas)
-    reasoning = "".join(delta.get("reasoning_content") or delta.get("reasoning") or "" for delta in deltas)
-    calls = merge_tool_call_deltas([entry for delta in deltas for entry in delta.get("tool_calls") or []])
-    message = {"role": "assistant", "content": None if calls and not content else content,
-               **{field_name: reasoning or None for field_name in reasoning_fields}}
-    if calls:
-        message["tool_calls"] = calls
-    return message
+    def add(self, choice: dict) -> None:
+        delta = choice["delta"]
+        self.content.append(delta.get("content") or "")
+        self.reasoning.append(delta.get("reasoning_content") or delta.get("reasoning") or "")  # either field (D56)
+        self.calls += delta.get("tool_calls") or []
+        if choice.get("logprobs") is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(choice["logprobs"]["content"])
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def body(self, index: int, reasoning_fields: tuple[str, ...]) -> dict:
+        """The choice; content is null when the reply is only tool calls, as OpenAI sends it."""
+        content, reasoning, calls = "".join(self.content), "".join(self.reasoning), merge_tool_call_deltas(self.calls)
+        message = {"role": "assistant", "content": None if calls and not content else content, "refusal": None,
+                   **{field_name: reasoning or None for field_name in reasoning_fields}}
+        if calls:
+            message["tool_calls"] = calls
+        logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason}
 
 
 def merge_tool_call_deltas(entries: list[dict]) -> list[dict]:
@@ -2585,6 +2814,31 @@ def merge_tool_call_deltas(entries: list[dict]) -> list[dict]:
                                      "function": {"name": function.get("name", ""), "arguments": ""}}
         calls[entry["index"]]["function"]["arguments"] += function.get("arguments", "")
     return [calls[i] for i in sorted(calls)]
+
+
+def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str,
+                         reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")) -> dict:
+    """The chat.completion that a session's chunk events add up to, with the session's status."""
+    choices: dict[int, ChoiceParts] = {}
+    chunk_id, error, truncated = f"chatcmpl-{session_id}", None, 0
+    for data in events:
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        error = chunk.get("error", error)
+        truncated = chunk.get("truncated_messages", truncated)
+        chunk_id, created = chunk.get("id", chunk_id), chunk.get("created", created)
+        for choice in chunk.get("choices", []):
+            choices.setdefault(choice["index"], ChoiceParts()).add(choice)
+    body = {"id": chunk_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choices.get(i, ChoiceParts()).body(i, reasoning_fields) for i in sorted(choices) or [0]],
+            "usage": chat_usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens),
+            "session_id": session_id, "status": outcome.status}
+    if truncated:
+        body["truncated_messages"] = truncated
+    if error:
+        body["error"] = error
+    return body
 
 
 def new_response(response_id: str, req: ResponsesRequest, model: str) -> dict:
@@ -2642,12 +2896,12 @@ class ResponsesShaper:
         self._event("response.created", response=self.response)
         self._event("response.in_progress", response=self.response)
 
-    def deltas(self, pieces: list[Piece]) -> None:
-        for name, text in merge_pieces(pieces):
-            if name == "tool_call":
-                self._tool_call(text)
+    def deltas(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            if delta.kind == "tool_call":
+                self._tool_call(delta.call)
                 continue
-            kind = "reasoning" if name == "reasoning_content" else "message"
+            kind, text = ("reasoning" if delta.kind == "reasoning_content" else "message"), delta.text
             if self.item is None or self.item["type"] != kind:
                 self._close_item()
                 self._open_item(kind)
@@ -2656,7 +2910,8 @@ class ResponsesShaper:
             extra = {} if kind == "reasoning" else {"logprobs": []}
             self._event(event, **self._where(), delta=text, **extra)
 
-    def finish(self, reason: str, completion_tokens: int) -> None:
+    def finish(self, reason: str, completion_tokens: int, index: int = 0) -> None:
+        """One choice only (the Responses API has no n): index is always 0."""
         status, event, incomplete = RESPONSE_ENDINGS[reason]
         self._close_item()
         self.response.update(status=status, usage=self.usage(completion_tokens), completed_at=int(time.time()),
@@ -2899,11 +3154,14 @@ class SessionLog:
         """Replay events after `after`, then follow live ones until [DONE]."""
         while True:
             changed = self._changed
-            for event in await self.read(after):
+            events = await self.read(after)
+            for event in events:
                 yield event
                 after = event.index
             if self.drained and after >= self.next_index - 1:
                 return
+            if events and after < self.visible:  # older events came from the store: the rest is in the ring
+                continue
             await changed.wait()
 
     async def wait_drained(self) -> None:
@@ -3101,12 +3359,14 @@ def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> tupl
     memory), so it died with an earlier one; if closing it at startup failed too (disk
     full), it reads as interrupted anyway, never as running forever.
     """
-    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, meta "
-                        "FROM sessions WHERE id=?", (session_id,))
+    # one statement, one snapshot: the row and its last event index agree even while the
+    # writer commits
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, meta, "
+                        "(SELECT MAX(idx) FROM events WHERE session_id=?) FROM sessions WHERE id=?",
+                        (session_id, session_id))
     if not rows:
         return None
-    status, reason, prompt, completion, reasoning, meta = rows[0]
-    last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
+    status, reason, prompt, completion, reasoning, meta, last = rows[0]
     log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
                            outcome=Outcome(status, reason, prompt or 0, completion or 0, reasoning or 0))
     log.visible = log.next_index - 1
@@ -3399,7 +3659,8 @@ def chat_shaper(state: AppState, req: ChatCompletionRequest, session: Session, p
                 counts: TokenCounts) -> ChatChunkShaper:
     return ChatChunkShaper(session.log, partial(close_session, state, session), state.settings.model_name,
                            bool(req.stream_options and req.stream_options.include_usage), prompt_tokens, dropped,
-                           counts, tuple(state.settings.reasoning_fields))
+                           choices=req.n, logprobs=req.logprobs, counts=counts,
+                           reasoning_fields=tuple(state.settings.reasoning_fields))
 
 
 def responses_shaper(state: AppState, response: dict, session: Session, prompt_tokens: int, dropped: int,
@@ -3434,14 +3695,15 @@ async def start_session(state: AppState, req: ChatCompletionRequest, owner: str,
     if state.shutting_down:
         raise ShuttingDown("The server is shutting down.", retry_after=10)
     check_media_counts(req, state.settings)
-    state.worker.admit()
+    check_choices(req, state.settings)
+    state.worker.admit(req.n)  # one slot per choice (D15)
     session = None
     try:
         await state.models.ensure_loaded()
         session = await state.sessions.create(session_id or req.session_id, owner, meta)
         job = await prepare_job(state, req, session, make_sink or partial(chat_shaper, state, req))
     except BaseException:
-        state.worker.release()
+        state.worker.release(req.n)
         if session is not None:
             state.sessions.discard(session)
         raise
@@ -3923,6 +4185,10 @@ async def lifespan(app: FastAPI):
     writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.persist_sessions else None
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
+        try:  # wait until those closes are committed, so no lookup races them
+            await writer.write("SELECT 1", ())
+        except StoreUnavailable:
+            logger.error("closing interrupted sessions failed (disk full?); lookups report them interrupted")
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
     metrics: Metrics = app.state.metrics
     state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),

@@ -1,44 +1,13 @@
 """End-to-end: `python main.py` on the tiny checkpoint, driven by the OpenAI SDK and httpx."""
 
 import asyncio
-import base64
-import io
 import json
 
 import httpx
 import openai
 import pytest
 
-from conftest import chunk_payloads, event_index, joined_text, stream_events
-
-TEXT = [{"role": "user", "content": "Say hello."}]
-
-
-def png_data_uri(size=(96, 64), color=(200, 30, 30)) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def mp4_data_uri(frames: int = 12, size: int = 64) -> str:
-    """A small mpeg4 clip written with PyAV (its bundled FFmpeg always has that codec)."""
-    import av
-    import numpy as np
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), i * 20 % 255, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
+from helpers import SAY_HELLO, chunk_payloads, event_index, joined_text, mp4_data_uri, png_data_uri, stream_events
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +25,7 @@ def test_health_reports_ready_and_model_id(base_url, tiny_model_dir):
 
 
 def test_openai_sdk_non_streaming_returns_chat_completion_with_usage(client, tiny_model_dir):
-    result = client.chat.completions.create(model="any", messages=TEXT, max_tokens=12, seed=1, temperature=1.0)
+    result = client.chat.completions.create(model="any", messages=SAY_HELLO, max_tokens=12, seed=1, temperature=1.0)
     assert result.id.startswith("chatcmpl-") and result.object == "chat.completion"
     assert result.model == str(tiny_model_dir)
     choice = result.choices[0]
@@ -69,7 +38,7 @@ def test_openai_sdk_non_streaming_returns_chat_completion_with_usage(client, tin
 
 
 def test_openai_sdk_streaming_yields_role_then_deltas_then_finish_and_usage(client):
-    stream = client.chat.completions.create(model="any", messages=TEXT, max_tokens=10, seed=2, temperature=1.0,
+    stream = client.chat.completions.create(model="any", messages=SAY_HELLO, max_tokens=10, seed=2, temperature=1.0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -84,9 +53,9 @@ def test_openai_sdk_streaming_yields_role_then_deltas_then_finish_and_usage(clie
 def test_async_openai_sdk_streamed_and_not(base_url):
     async def run():
         client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused")
-        whole = await client.chat.completions.create(model="m", messages=TEXT, max_tokens=8, seed=3,
+        whole = await client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=8, seed=3,
                                                      temperature=1.0)
-        stream = await client.chat.completions.create(model="m", messages=TEXT, max_tokens=8, seed=3,
+        stream = await client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=8, seed=3,
                                                       temperature=1.0, stream=True)
         parts = [c async for c in stream]
         return whole, parts
@@ -98,7 +67,7 @@ def test_async_openai_sdk_streamed_and_not(base_url):
 
 def test_same_seed_gives_same_output_and_other_seed_differs(client):
     def run(seed):
-        r = client.chat.completions.create(model="m", messages=TEXT, max_tokens=24, seed=seed, temperature=1.0)
+        r = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=24, seed=seed, temperature=1.0)
         return r.choices[0].message.model_extra.get("reasoning_content"), r.choices[0].message.content
 
     assert run(11) == run(11)
@@ -106,7 +75,7 @@ def test_same_seed_gives_same_output_and_other_seed_differs(client):
 
 
 def test_temperature_zero_is_greedy_and_repeatable(client):
-    outs = {client.chat.completions.create(model="m", messages=TEXT, max_tokens=16, temperature=0).choices[0]
+    outs = {client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=16, temperature=0).choices[0]
             .message.model_extra.get("reasoning_content") for _ in range(2)}
     assert len(outs) == 1
 
@@ -133,11 +102,11 @@ def test_video_data_uri_is_decoded_and_counted(client):
 
 
 def test_stop_string_ends_output_before_it_with_finish_reason_stop(client):
-    base = client.chat.completions.create(model="m", messages=TEXT, max_tokens=40, seed=5, temperature=1.0)
+    base = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=40, seed=5, temperature=1.0)
     raw = base.choices[0].message.model_extra["reasoning_content"]
     assert "</think>" not in raw and len(raw) > 12
     stop = raw[8:11]
-    cut = client.chat.completions.create(model="m", messages=TEXT, max_tokens=40, seed=5, temperature=1.0,
+    cut = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=40, seed=5, temperature=1.0,
                                          stop=[stop, "never-appears"])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.model_extra["reasoning_content"] == raw[:raw.find(stop)]
@@ -145,7 +114,7 @@ def test_stop_string_ends_output_before_it_with_finish_reason_stop(client):
 
 def test_penalties_change_sampling(client):
     def run(**kw):
-        r = client.chat.completions.create(model="m", messages=TEXT, max_tokens=30, temperature=0, **kw)
+        r = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=30, temperature=0, **kw)
         return r.choices[0].message.model_extra["reasoning_content"]
 
     greedy = run()
@@ -154,10 +123,10 @@ def test_penalties_change_sampling(client):
 
 
 def test_min_tokens_and_ignore_eos_give_fixed_lengths(client):
-    r = client.chat.completions.create(model="m", messages=TEXT, max_tokens=25, seed=9,
+    r = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=25, seed=9,
                                        extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 25 and r.choices[0].finish_reason == "length"
-    r = client.chat.completions.create(model="m", messages=TEXT, max_tokens=30, seed=9,
+    r = client.chat.completions.create(model="m", messages=SAY_HELLO, max_tokens=30, seed=9,
                                        extra_body={"min_tokens": 20})
     assert r.usage.completion_tokens >= 20
 
@@ -186,7 +155,7 @@ def test_reasoning_split_matches_raw_generate_around_think_close(client, tiny_mo
 
 
 def test_raw_sse_ids_are_session_and_consecutive_index_with_done_last(base_url):
-    headers, status, events = stream_events(base_url, {"messages": TEXT, "max_tokens": 12, "seed": 4,
+    headers, status, events = stream_events(base_url, {"messages": SAY_HELLO, "max_tokens": 12, "seed": 4,
                                                        "stream": True, "session_id": "raw-sse-1"})
     assert status == 200 and headers["x-session-id"] == "raw-sse-1"
     assert [e["id"] for e in events] == [f"raw-sse-1:{i}" for i in range(len(events))]
@@ -196,20 +165,21 @@ def test_raw_sse_ids_are_session_and_consecutive_index_with_done_last(base_url):
 
 
 def test_generated_session_id_is_returned_in_header(base_url):
-    headers, _, events = stream_events(base_url, {"messages": TEXT, "max_tokens": 3, "stream": True})
+    headers, _, events = stream_events(base_url, {"messages": SAY_HELLO, "max_tokens": 3, "stream": True})
     sid = headers["x-session-id"]
     assert sid and all(e["id"].startswith(sid + ":") for e in events)
     assert event_index(events[-1]) == len(events) - 1
 
 
 def test_non_streaming_response_carries_session_id_header(base_url):
-    response = httpx.post(base_url + "/v1/chat/completions", json={"messages": TEXT, "max_tokens": 3}, timeout=30)
+    response = httpx.post(base_url + "/v1/chat/completions", json={"messages": SAY_HELLO, "max_tokens": 3},
+                          timeout=30)
     assert response.status_code == 200
     assert response.headers["x-session-id"] == response.json()["session_id"]
 
 
 def test_non_streaming_equals_drained_stream_for_same_seed(base_url):
-    body = {"messages": TEXT, "max_tokens": 20, "seed": 21, "temperature": 1.0}
+    body = {"messages": SAY_HELLO, "max_tokens": 20, "seed": 21, "temperature": 1.0}
     whole = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=30).json()
     _, _, events = stream_events(base_url, {**body, "stream": True})
     assert joined_text(events, "reasoning_content") == (whole["choices"][0]["message"]["reasoning_content"] or "")

@@ -8,10 +8,7 @@ import httpx
 import pytest
 
 import main
-from conftest import InProcessServer, joined_text, long_request, stream_events, wait_ready
-from test_api import png_data_uri
-
-TEXT = [{"role": "user", "content": "Tell me something."}]
+from helpers import joined_text, long_request, metric, png_data_uri, stream_events, wait_generating
 
 
 def request(i: int, **extra) -> dict:
@@ -61,6 +58,7 @@ def in_threads(calls: list, while_running=None) -> list:
 def staggered_streams(base_url: str, bodies: list[dict], gap: float) -> list[list[dict]]:
     """Each body streamed to the end, the i-th starting i * gap seconds after the first."""
     def call(i: int):
+        # the sleep is the workload: requests arriving while others decode, not coordination
         return lambda: (time.sleep(i * gap), stream_events(base_url, bodies[i])[2])[1]
 
     return in_threads([call(i) for i in range(len(bodies))])
@@ -72,17 +70,12 @@ def run_staggered(base_url: str, bodies: list[dict], gap: float) -> list[tuple]:
 
 def batch_sizes(base_url: str) -> tuple[float, float]:
     """(steps decoded, rows decoded) from the batch-size histogram."""
-    text = httpx.get(base_url + "/metrics").text
-    count = float(text.split("qwen_decode_batch_size_count ")[1].split()[0])
-    total = float(text.split("qwen_decode_batch_size_sum ")[1].split()[0])
-    return count, total
+    return metric(base_url, "qwen_decode_batch_size_count"), metric(base_url, "qwen_decode_batch_size_sum")
 
 
 @pytest.fixture(scope="module")
-def batched(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_batch_size=8) as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def batched(make_module_server):
+    return make_module_server(max_batch_size=8)
 
 
 def test_each_request_gets_identical_output_alone_and_batched(batched):
@@ -113,11 +106,10 @@ def test_greedy_batched_rows_match_raw_generate(batched, tiny_model_dir):
         raw = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         reasoning, _, content = raw.partition("</think>")
         expected.append((reasoning, content))
-        parts = [{"type": "image_url", "image_url": {"url": png_data_uri(size=(96, 64), color=(200, 30, 30))}}] \
-            if with_image else []
-        bodies.append({"messages": [{"role": "user", "content": parts + [{"type": "text", "text": f"Prompt {i} " * (i + 1)}]}],
-                       "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}})
+        image_part = {"type": "image_url", "image_url": {"url": png_data_uri(size=(96, 64), color=(200, 30, 30))}}
+        parts = ([image_part] if with_image else []) + [{"type": "text", "text": f"Prompt {i} " * (i + 1)}]
+        bodies.append({"messages": [{"role": "user", "content": parts}], "max_tokens": 40, "ignore_eos": True,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
     results = run_staggered(batched.base_url, bodies, gap=0.02)
     assert [(r[0], r[1]) for r in results] == expected
 
@@ -139,7 +131,7 @@ def test_cancelled_row_stops_while_others_continue(batched):
     statuses = []
 
     def cancel_middle_row() -> None:
-        time.sleep(0.3)
+        wait_generating(batched.base_url, "row-1")
         statuses.append(httpx.post(batched.base_url + "/v1/cancel/row-1").json()["status"])
 
     results = in_threads([lambda b=b: stream_events(batched.base_url, b)[2] for b in bodies], cancel_middle_row)
@@ -189,9 +181,8 @@ def test_many_streams_complete_with_correct_usage_and_resume_works(batched):
         assert json.loads(events[-2]["data"])["usage"]["completion_tokens"] == 50 + i
 
 
-def test_batch_size_one_decodes_one_request_at_a_time(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_batch_size=1) as srv:
-        wait_ready(srv.base_url)
-        run_staggered(srv.base_url, [request(i, seed=i, temperature=1.0) for i in range(3)], gap=0.01)
-        steps, rows = batch_sizes(srv.base_url)
-        assert steps > 0 and rows == steps
+def test_batch_size_one_decodes_one_request_at_a_time(make_server):
+    srv = make_server(max_batch_size=1)
+    run_staggered(srv.base_url, [request(i, seed=i, temperature=1.0) for i in range(3)], gap=0.01)
+    steps, rows = batch_sizes(srv.base_url)
+    assert steps > 0 and rows == steps

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 import main
-from conftest import InProcessServer, ServerProcess, long_request, stream_events, wait_ready
+from helpers import InProcessServer, ServerProcess, long_request, stream_events, wait_ready
 
 TEXT = [{"role": "user", "content": "hi"}]
 

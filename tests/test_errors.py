@@ -1,33 +1,11 @@
 """Every refusal is an OpenAI-shaped error body with the right status, never a 500."""
 
-import base64
 import time
 
 import httpx
 import pytest
 
-from conftest import InProcessServer, stream_events, wait_ready
-
-TEXT = [{"role": "user", "content": "hi"}]
-
-
-def post(base_url: str, body, **kw) -> httpx.Response:
-    return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60, **kw)
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code is not None:
-        assert error["code"] == code
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
-def b64(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
+from helpers import HI, assert_error, data_uri, health, post, stream_events, wait_ready
 
 
 @pytest.mark.parametrize("body,param", [
@@ -36,13 +14,13 @@ def b64(data: bytes, mime: str) -> str:
     ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
     ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, None),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
-    ({"messages": TEXT, "temperature": "hot"}, "temperature"),
-    ({"messages": TEXT, "temperature": 3}, "temperature"),
-    ({"messages": TEXT, "max_tokens": 0}, "max_tokens"),
-    ({"messages": TEXT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": TEXT, "session_id": "bad id with spaces"}, "session_id"),
-    ({"messages": TEXT, "logit_bias": {"1": 500}}, "logit_bias"),
-    ({"messages": TEXT, "max_tokens": 10 ** 6}, "max_tokens"),
+    ({"messages": HI, "temperature": "hot"}, "temperature"),
+    ({"messages": HI, "temperature": 3}, "temperature"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": HI, "session_id": "bad id with spaces"}, "session_id"),
+    ({"messages": HI, "logit_bias": {"1": 500}}, "logit_bias"),
+    ({"messages": HI, "max_tokens": 10 ** 6}, "max_tokens"),
 ])
 def test_invalid_requests_are_400_with_openai_error(base_url, body, param):
     error = assert_error(post(base_url, body), 400)
@@ -52,14 +30,14 @@ def test_invalid_requests_are_400_with_openai_error(base_url, body, param):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("n", 2), ("functions", [{"name": "f"}]), ("logprobs", True),
+    ("functions", [{"name": "f"}]),
 ])
 def test_known_fields_we_cannot_honour_are_refused_by_name(base_url, field, value):
-    assert_error(post(base_url, {"messages": TEXT, field: value}), 400, "unsupported_parameter", field)
+    assert_error(post(base_url, {"messages": HI, field: value}), 400, "unsupported_parameter", field)
 
 
 def test_unknown_fields_are_ignored(base_url):
-    response = post(base_url, {"messages": TEXT, "max_tokens": 2, "frobnicate": True, "user": "u1"})
+    response = post(base_url, {"messages": HI, "max_tokens": 2, "frobnicate": True, "user": "u1"})
     assert response.status_code == 200
 
 
@@ -70,7 +48,7 @@ def test_body_that_is_not_json_is_400(base_url):
 
 
 @pytest.mark.parametrize("url,code", [
-    (b64(b"definitely not an image", "image/png"), "invalid_image"),
+    (data_uri(b"definitely not an image", "image/png"), "invalid_image"),
     ("data:image/png;base64,@@@not-base64@@@", "invalid_data_uri"),
     ("data:image/png,rawtext", "invalid_data_uri"),
     ("file:///etc/passwd", "invalid_media_url"),
@@ -84,7 +62,7 @@ def test_bad_images_are_400(base_url, url, code):
 
 def test_undecodable_video_is_400(base_url):
     body = {"messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": b64(b"\x00\x00\x00\x18ftypmp42garbage", "video/mp4")}}]}]}
+        {"type": "video_url", "video_url": {"url": data_uri(b"\x00\x00\x00\x18ftypmp42garbage", "video/mp4")}}]}]}
     assert_error(post(base_url, body), 400, "invalid_video")
 
 
@@ -96,7 +74,7 @@ def test_prompt_longer_than_context_is_context_length_exceeded(base_url):
 def test_failed_request_does_not_keep_its_session_id(base_url):
     bad = {"messages": [{"role": "user", "content": "hello there " * 3000}], "session_id": "reuse-after-400"}
     assert_error(post(base_url, bad), 400)
-    ok = post(base_url, {"messages": TEXT, "max_tokens": 2, "session_id": "reuse-after-400"})
+    ok = post(base_url, {"messages": HI, "max_tokens": 2, "session_id": "reuse-after-400"})
     assert ok.status_code == 200
 
 
@@ -113,64 +91,63 @@ def test_request_id_is_echoed(base_url):
     assert response.headers["x-request-id"] == "trace-123"
 
 
-def test_load_failure_gives_503_with_retry_after_and_health_error(tmp_path):
-    with InProcessServer(tmp_path / "no-such-model") as srv:
-        response = post(srv.base_url, {"messages": TEXT})
-        error = assert_error(response, 503, "model_load_failed")
-        assert error["type"] == "server_error" and int(response.headers["retry-after"]) > 0
-        health = httpx.get(srv.base_url + "/health").json()
-        assert health["status"] == "error" and health["error"]
+def test_load_failure_gives_503_with_retry_after_and_health_error(make_server, tmp_path):
+    srv = make_server(model_dir=tmp_path / "no-such-model", preload_model=False)
+    response = post(srv.base_url, {"messages": HI})
+    error = assert_error(response, 503, "model_load_failed")
+    assert error["type"] == "server_error" and int(response.headers["retry-after"]) > 0
+    body = health(srv.base_url)
+    assert body["status"] == "error" and body["error"]
 
 
-def test_requests_while_loading_get_503_model_loading(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, model_load_wait_seconds=0) as srv:
-        response = post(srv.base_url, {"messages": TEXT, "max_tokens": 2})
-        if srv.state.models.state != "ready":  # the load can win the race on a fast machine
-            assert_error(response, 503, "model_loading")
-            assert response.headers["retry-after"]
-        wait_ready(srv.base_url)
-        assert post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200
+def test_requests_while_loading_get_503_model_loading(make_server):
+    srv = make_server(preload_model=False, model_load_wait_seconds=0)
+    response = post(srv.base_url, {"messages": HI, "max_tokens": 2})
+    # the load can win the race on a fast machine; /health read after the answer says whether it had not yet
+    if health(srv.base_url)["status"] != "ready":
+        assert_error(response, 503, "model_loading")
+        assert response.headers["retry-after"]
+    wait_ready(srv.base_url)
+    assert post(srv.base_url, {"messages": HI, "max_tokens": 2}).status_code == 200
 
 
-def test_concurrent_first_requests_load_the_model_once(tiny_model_dir):
+def test_concurrent_first_requests_load_the_model_once(make_server):
     import concurrent.futures
 
-    with InProcessServer(tiny_model_dir) as srv:
-        calls = []
-        original = srv.state.models._from_pretrained
+    srv = make_server(preload_model=False)
+    calls = []
+    original = srv.state.models._from_pretrained  # no public route counts loads: observed from inside
 
-        def counting():
-            calls.append(time.monotonic())
-            return original()
+    def counting():
+        calls.append(time.monotonic())
+        return original()
 
-        srv.state.models._from_pretrained = counting
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            codes = list(pool.map(lambda _: post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code,
-                                  range(4)))
-        assert codes == [200] * 4 and len(calls) == 1
+    srv.state.models._from_pretrained = counting
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: post(srv.base_url, {"messages": HI, "max_tokens": 2}).status_code,
+                              range(4)))
+    assert codes == [200] * 4 and len(calls) == 1
 
 
-def test_failure_during_generation_becomes_error_event_then_done(tiny_model_dir):
+def test_failure_during_generation_becomes_error_event_then_done(make_server):
     """A crash inside a decode step is a fault the real model does not produce: injected."""
-    with InProcessServer(tiny_model_dir, preload_model=True) as srv:
-        wait_ready(srv.base_url)
-        text_model = srv.state.models.model.model.language_model  # what every decode step runs
-        original, calls = text_model.forward, []
+    srv = make_server()
+    text_model = srv.state.models.model.model.language_model  # what every decode step runs
+    original, calls = text_model.forward, []
 
-        def broken_forward(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 4:
-                raise RuntimeError("device fell off the bus")
-            return original(*args, **kwargs)
+    def broken_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("device fell off the bus")
+        return original(*args, **kwargs)
 
-        text_model.forward = broken_forward
-        _, status, events = stream_events(srv.base_url, {"messages": TEXT, "stream": True, "seed": 1,
-                                                         "max_tokens": 20})
-        assert status == 200
-        assert events[-1]["data"] == "[DONE]"
-        assert '"generation_failed"' in events[-2]["data"]
-        calls.clear()
-        response = post(srv.base_url, {"messages": TEXT, "max_tokens": 20})
-        error = assert_error(response, 500, "generation_failed")
-        assert "device fell off" not in error["message"]
-        assert post(srv.base_url, {"messages": TEXT, "max_tokens": 2}).status_code == 200
+    text_model.forward = broken_forward
+    _, status, events = stream_events(srv.base_url, {"messages": HI, "stream": True, "seed": 1, "max_tokens": 20})
+    assert status == 200
+    assert events[-1]["data"] == "[DONE]"
+    assert '"generation_failed"' in events[-2]["data"]
+    calls.clear()
+    response = post(srv.base_url, {"messages": HI, "max_tokens": 20})
+    error = assert_error(response, 500, "generation_failed")
+    assert "device fell off" not in error["message"]
+    assert post(srv.base_url, {"messages": HI, "max_tokens": 2}).status_code == 200

@@ -9,15 +9,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import InProcessServer, wait_ready
-
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_tokens=8, allowed_media_domains="media.invalid",
-                         max_queue=64, media_fetch_timeout_seconds=1.0) as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def fuzz_server(make_module_server):
+    return make_module_server(max_tokens=8, allowed_media_domains="media.invalid", max_queue=64,
+                              media_fetch_timeout_seconds=1.0)
 
 
 def test_fuzzed_requests_never_get_a_server_error(fuzz_server):

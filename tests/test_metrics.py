@@ -1,61 +1,40 @@
 """GET /metrics: Prometheus text, scraped after real traffic."""
 
-import time
-
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import InProcessServer, long_request, stream_events, wait_ready
-
-
-def scrape(base_url: str) -> dict[tuple, float]:
-    response = httpx.get(base_url + "/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+from helpers import HI, long_request, scrape, stream_events, value, wait_status
 
 
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def test_metrics_count_requests_tokens_latencies_sessions_resumes_and_cancellations(make_server):
+    srv = make_server(cancel_after_disconnect_seconds=0.5)
+    before = scrape(srv.base_url)
+    assert value(before, "qwen_model_state", state="ready") == 1.0
+    assert value(before, "qwen_model_load_seconds") > 0
 
+    body = {"messages": HI, "max_tokens": 12, "ignore_eos": True}
+    assert httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    _, _, events = stream_events(srv.base_url, {**body, "stream": True, "session_id": "m-1"})
+    stream_events(srv.base_url, {**body, "stream": True}, headers={"Last-Event-ID": events[2]["id"]})
+    httpx.get(srv.base_url + "/v1/chat/completions/no-such-session")
+    stream_events(srv.base_url, long_request(session_id="m-manual"), limit=2)
+    httpx.post(srv.base_url + "/v1/cancel/m-manual", timeout=30)
+    stream_events(srv.base_url, long_request(session_id="m-auto"), limit=2)
+    wait_status(srv.base_url, "m-auto", {"cancelled", "completed"}, timeout=5)
 
-def test_metrics_count_requests_tokens_latencies_sessions_resumes_and_cancellations(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, cancel_after_disconnect_seconds=0.5) as srv:
-        wait_ready(srv.base_url)
-        before = scrape(srv.base_url)
-        assert value(before, "qwen_model_state", state="ready") == 1.0
-        assert value(before, "qwen_model_load_seconds") > 0
-
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "ignore_eos": True}
-        assert httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
-        _, _, events = stream_events(srv.base_url, {**body, "stream": True, "session_id": "m-1"})
-        stream_events(srv.base_url, {**body, "stream": True}, headers={"Last-Event-ID": events[2]["id"]})
-        httpx.get(srv.base_url + "/v1/chat/completions/no-such-session")
-        stream_events(srv.base_url, long_request(session_id="m-manual"), limit=2)
-        httpx.post(srv.base_url + "/v1/cancel/m-manual", timeout=30)
-        stream_events(srv.base_url, long_request(session_id="m-auto"), limit=2)
-        for _ in range(100):
-            if srv.state.sessions.sessions["m-auto"].done.is_set():
-                break
-            time.sleep(0.05)
-
-        after = scrape(srv.base_url)
-        route = "/v1/chat/completions"
-        assert value(after, "qwen_http_requests_total", route=route, status="200") >= 4
-        assert value(after, "qwen_http_requests_total", route="/v1/chat/completions/{session_id}", status="404") == 1
-        assert value(after, "qwen_completion_tokens_total") >= 24
-        assert value(after, "qwen_prompt_tokens_total") > 0
-        assert value(after, "qwen_time_to_first_token_seconds_count") >= 4
-        assert value(after, "qwen_time_per_output_token_seconds_count") >= 22
-        assert value(after, "qwen_stream_resumes_total") == 1
-        assert value(after, "qwen_cancellations_total", reason="manual") == 1
-        assert value(after, "qwen_cancellations_total", reason="auto") == 1
-        assert value(after, "qwen_live_sessions") == 4
-        assert value(after, "qwen_listeners") == 0
-        assert value(after, "qwen_queue_depth") == 0 and value(after, "qwen_running_generations") == 0
+    after = scrape(srv.base_url)
+    route = "/v1/chat/completions"
+    assert value(after, "qwen_http_requests_total", route=route, status="200") >= 4
+    assert value(after, "qwen_http_requests_total", route="/v1/chat/completions/{session_id}", status="404") == 1
+    assert value(after, "qwen_completion_tokens_total") >= 24
+    assert value(after, "qwen_prompt_tokens_total") > 0
+    assert value(after, "qwen_time_to_first_token_seconds_count") >= 4
+    assert value(after, "qwen_time_per_output_token_seconds_count") >= 22
+    assert value(after, "qwen_stream_resumes_total") == 1
+    assert value(after, "qwen_cancellations_total", reason="manual") == 1
+    assert value(after, "qwen_cancellations_total", reason="auto") == 1
+    assert value(after, "qwen_live_sessions") == 4
+    assert value(after, "qwen_listeners") == 0
+    assert value(after, "qwen_queue_depth") == 0 and value(after, "qwen_running_generations") == 0
 
 
 def test_metrics_use_route_templates_not_raw_paths(base_url):

@@ -2,7 +2,7 @@
 
 import httpx
 
-from conftest import ServerProcess, long_request, stream_events
+from helpers import ServerProcess, long_request, stream_events
 
 K1, K2 = "key-one-0123456789", "key-two-9876543210"
 

@@ -4,11 +4,10 @@ every event a client saw intact, closed as interrupted."""
 import json
 import signal
 import sqlite3
-import time
 
 import httpx
 
-from conftest import ServerProcess, chunk_payloads, long_request, stream_events
+from helpers import ServerProcess, chunk_payloads, long_request, stream_events, wait_until
 
 
 def persistent_server(tiny_model_dir, tmp_path, db, **env) -> ServerProcess:
@@ -71,13 +70,8 @@ def test_finished_sessions_expire_from_memory_and_database(tiny_model_dir, tmp_p
     try:
         stream_events(srv.base_url, long_request(session_id="short-lived", max_tokens=5))
         assert httpx.get(srv.base_url + "/v1/chat/completions/short-lived").status_code == 200
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if httpx.get(srv.base_url + "/v1/chat/completions/short-lived").status_code == 404:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("session never expired")
+        wait_until(lambda: httpx.get(srv.base_url + "/v1/chat/completions/short-lived").status_code == 404,
+                   timeout=15, interval=0.2, message="session expired")
     finally:
         srv.stop()
     with sqlite3.connect(db) as conn:

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 import main
-from conftest import InProcessServer, ServerProcess, wait_ready
+from helpers import InProcessServer, ServerProcess, wait_ready
 
 EOS = 2  # <|im_end|> in tests/tiny_model.py's vocabulary (checked in the fixture)
 # Greedy "Say hello." thinks, closes </think>, answers; EOS is masked for 30 tokens, then forced: completed.

@@ -7,31 +7,13 @@ import time
 import httpx
 import pytest
 
-from conftest import (InProcessServer, chunk_payloads, event_index, joined_text, long_request, stream_events,
-                      wait_ready)
-
-TEXT = [{"role": "user", "content": "Tell me something."}]
+from helpers import (TELL_ME, chunk_payloads, event_index, get_completion, joined_text, long_request, metric,
+                     session_body, stream_events, wait_generating, wait_status, wait_until)
 
 
 def short_request(session_id: str, **extra) -> dict:
-    return {"messages": TEXT, "max_tokens": 60, "ignore_eos": True, "seed": 3, "temperature": 1.0, "stream": True,
+    return {"messages": TELL_ME, "max_tokens": 60, "ignore_eos": True, "seed": 3, "temperature": 1.0, "stream": True,
             "session_id": session_id, **extra}
-
-
-def get_completion(base_url: str, session_id: str) -> dict:
-    response = httpx.get(f"{base_url}/v1/chat/completions/{session_id}", timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_status(base_url: str, session_id: str, statuses: set[str], timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = get_completion(base_url, session_id)
-        if body["status"] in statuses:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"{session_id} never reached {statuses}: {body['status']}")
 
 
 def assert_contiguous(events: list[dict], session_id: str, start: int = 0) -> None:
@@ -79,7 +61,7 @@ def test_two_readers_at_once_get_identical_streams(base_url):
     results = {}
 
     def second_reader():
-        time.sleep(0.05)
+        wait_until(lambda: session_body(base_url, "two-readers"), message="two-readers created")
         results["b"] = stream_events(base_url, body, method="GET", path="/v1/chat/completions/two-readers",
                                      params={"stream": "true"})[2]
 
@@ -126,10 +108,11 @@ def test_cancel_mid_stream_stops_generation_and_ends_both_readers(base_url):
                threading.Thread(target=reader, args=("b",),
                                 kwargs={"method": "GET", "path": "/v1/chat/completions/cancel-me",
                                         "params": {"stream": "true"}})]
+    wait_until(lambda: metric(base_url, "qwen_listeners") == 0, message="earlier readers detached")
     threads[0].start()
-    time.sleep(0.3)
+    wait_generating(base_url, "cancel-me")
     threads[1].start()
-    time.sleep(0.2)
+    wait_until(lambda: metric(base_url, "qwen_listeners") == 2, message="both readers attached")
     response = httpx.post(f"{base_url}/v1/cancel/cancel-me", timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     for thread in threads:
@@ -140,7 +123,7 @@ def test_cancel_mid_stream_stops_generation_and_ends_both_readers(base_url):
         assert final["choices"][0]["finish_reason"] == "cancelled"
     tokens = get_completion(base_url, "cancel-me")["usage"]["completion_tokens"]
     assert 0 < tokens < 3000
-    time.sleep(0.3)
+    time.sleep(0.3)  # the pause is the check: nothing may be generated after the cancel answered
     after = get_completion(base_url, "cancel-me")
     assert after["usage"]["completion_tokens"] == tokens and after["status"] == "cancelled"
     again = httpx.post(f"{base_url}/v1/cancel/cancel-me")
@@ -190,24 +173,20 @@ def test_index_beyond_the_log_is_400_and_unknown_get_is_404(base_url):
     assert httpx.get(base_url + "/v1/chat/completions/never-was").status_code == 404
 
 
-def test_stale_index_older_than_ring_buffer_is_410(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, session_buffer_events=8, preload_model=True) as srv:
-        wait_ready(srv.base_url)
-        _, _, events = stream_events(srv.base_url, short_request("small-buffer"))
-        assert len(events) > 8
-        response = httpx.post(srv.base_url + "/v1/chat/completions", json=short_request("small-buffer"),
-                              headers={"Last-Event-ID": "small-buffer:0"})
-        assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
-        recent = stream_events(srv.base_url, short_request("small-buffer"),
-                               headers={"Last-Event-ID": events[-4]["id"]})[2]
-        assert recent == events[-3:]
+def test_stale_index_older_than_ring_buffer_is_410(make_server):
+    srv = make_server(session_buffer_events=8)
+    _, _, events = stream_events(srv.base_url, short_request("small-buffer"))
+    assert len(events) > 8
+    response = httpx.post(srv.base_url + "/v1/chat/completions", json=short_request("small-buffer"),
+                          headers={"Last-Event-ID": "small-buffer:0"})
+    assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
+    recent = stream_events(srv.base_url, short_request("small-buffer"), headers={"Last-Event-ID": events[-4]["id"]})[2]
+    assert recent == events[-3:]
 
 
 @pytest.fixture(scope="module")
-def auto_cancel_server(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, cancel_after_disconnect_seconds=1.0, preload_model=True) as srv:
-        wait_ready(srv.base_url)
-        yield srv
+def auto_cancel_server(make_module_server):
+    return make_module_server(cancel_after_disconnect_seconds=1.0)
 
 
 def test_auto_cancel_fires_once_nobody_listens(auto_cancel_server):
@@ -231,7 +210,7 @@ def test_auto_cancel_timer_stops_when_a_reader_comes_back(auto_cancel_server):
     url = auto_cancel_server.base_url
     body = long_request(session_id="came-back", max_tokens=1500)
     _, _, first = stream_events(url, body, limit=2)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the client stays away, for less than the 1 s auto-cancel delay: that is the behaviour tested
     _, _, rest = stream_events(url, body, headers={"Last-Event-ID": first[-1]["id"]})
     assert json.loads(rest[-2]["data"])["choices"][0]["finish_reason"] == "length"
     assert event_index(rest[0]) == event_index(first[-1]) + 1
@@ -241,8 +220,4 @@ def test_listener_counts_return_to_zero_after_disconnects(auto_cancel_server):
     url = auto_cancel_server.base_url
     stream_events(url, short_request("count-me", max_tokens=400), limit=2)
     stream_events(url, short_request("count-me", max_tokens=400), headers={"Last-Event-ID": "count-me:0"}, limit=2)
-    session = auto_cancel_server.state.sessions.sessions["count-me"]
-    deadline = time.monotonic() + 5
-    while session.listeners and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert session.listeners == 0
+    assert wait_until(lambda: metric(url, "qwen_listeners") == 0, timeout=5, message="no listener left")

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import httpx
+
 import main
 from settings_docs import env_example, readme_table
 
@@ -24,3 +26,22 @@ def test_settings_read_dotenv_file_and_environment(tmp_path, monkeypatch):
     assert settings.port == 4321 and settings.max_video_frames == 4
     assert settings.model_repo_id == "Qwen/Qwen3-VL-2B-Thinking"
     assert settings.buffer_events == settings.max_tokens + 16
+
+
+def test_dotenv_in_the_checkout_does_not_leak_into_test_servers(tiny_model_dir, tmp_path):
+    """A README user who copied .env.example to .env (say with API_KEY set) broke pytest:
+    the suite's `python main.py` servers read it. Verified: with a .env holding an API key
+    in the checkout, a test server still answers without a key."""
+    from helpers import ServerProcess
+
+    dotenv = ROOT / ".env"
+    saved = dotenv.read_bytes() if dotenv.exists() else None
+    dotenv.write_text("API_KEY=leaked-into-tests\n")
+    try:
+        server = ServerProcess(tiny_model_dir, tmp_path / "server.log").start()
+        try:
+            assert httpx.get(server.base_url + "/v1/models").status_code == 200
+        finally:
+            server.stop()
+    finally:
+        dotenv.write_bytes(saved) if saved is not None else dotenv.unlink()

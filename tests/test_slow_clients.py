@@ -4,7 +4,7 @@ body-incomplete connections used to be held for 60 s+ (file descriptors 7 -> 157
 import socket
 import time
 
-from conftest import ServerProcess
+from helpers import ServerProcess
 
 
 def open_socket(port: int, payload: bytes) -> socket.socket:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 import main
-from conftest import InProcessServer, ServerProcess, event_index, joined_text, long_request, stream_events, wait_ready
+from helpers import InProcessServer, ServerProcess, event_index, joined_text, long_request, stream_events, wait_ready
 
 
 def resume_in_small_reads(base_url: str, session_id: str, first: list[dict], step: int) -> list[dict]:
