@@ -411,12 +411,10 @@ def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
     parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
     images = sum(isinstance(p, ImagePart) for p in parts)
     videos = sum(isinstance(p, VideoPart) for p in parts)
-    if images > settings.max_images_per_request:
-        raise too_large(f"At most {settings.max_images_per_request} images per request.", "messages",
-                        "too_many_images")
+    if images > settings.max_images_per_request:  # 400, not 413: a count of parts, as clients expect (#15)
+        raise invalid(f"At most {settings.max_images_per_request} images per request.", "messages", "too_many_images")
     if videos > settings.max_videos_per_request:
-        raise too_large(f"At most {settings.max_videos_per_request} videos per request.", "messages",
-                        "too_many_videos")
+        raise invalid(f"At most {settings.max_videos_per_request} videos per request.", "messages", "too_many_videos")
 
 
 async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> bytes:
