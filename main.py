@@ -404,6 +404,10 @@ def validate_request(body: dict) -> ChatCompletionRequest:
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URI_HEADER = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base64$")
 MAX_REDIRECTS = 3
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
+# the 6to4 relay anycast, and local-use NAT64 (RFC 8215), whose IPv4 side is anyone's.
+NOT_PUBLIC_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("fec0::/10", "192.88.99.0/24", "64:ff9b:1::/48"))
 
 
 def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
@@ -508,9 +512,27 @@ def domain_allowed(host: str, domains: list[str]) -> bool:
 
 
 def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    if settings.allow_private_media or any(ip in net for net in settings.private_media_networks):
+    """Public, or exempted; an IPv6 address that carries an IPv4 one must pass for both (#15)."""
+    if settings.allow_private_media:
         return True
+    return all(any(a in net for net in settings.private_media_networks) or address_public(a)
+               for a in addresses_reached(ip))
+
+
+def addresses_reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The address itself and every IPv4 address it embeds. A translated address
+    (IPv4-mapped, NAT64 64:ff9b::/96) stands for its IPv4 host alone; a tunnel address
+    (6to4 2002::/16, Teredo) reaches its relay and its IPv4 host, so both are checked."""
+    if ip.version == 4:
+        return [ip]
+    if ip.ipv4_mapped or ip in NAT64_PREFIX:
+        return [ip.ipv4_mapped or ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return [ip, *([ip.sixtofour] if ip.sixtofour else []), *(ip.teredo or ())]
+
+
+def address_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if any(ip in net for net in NOT_PUBLIC_NETWORKS):
+        return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback)
 
 

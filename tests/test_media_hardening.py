@@ -1,0 +1,95 @@
+"""Issue #15, media and prompt work: each hole an outside fuzz/fault campaign found, pinned
+through a real server on the tiny checkpoint (one regression test per bug)."""
+
+import base64
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from conftest import InProcessServer, wait_ready
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def post(base_url: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=120, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_bytes(size=(64, 64), fmt="PNG", color=(10, 200, 10)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_body(url: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What is it?"}]}],
+            "max_tokens": 2, **extra}
+
+
+def video_body(url: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}],
+            "max_tokens": 2, **extra}
+
+
+@pytest.fixture(scope="module")
+def media_server(tiny_model_dir):
+    """Default limits, except an exempt media host on 127.0.0.2 for the fetch tests."""
+    with InProcessServer(tiny_model_dir, preload_model=True, private_media_networks="127.0.0.2/32") as srv:
+        wait_ready(srv.base_url)
+        yield srv
+
+
+# ----------------------------------------------------------------------------- SSRF
+
+class MediaHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = image_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def loopback_media():
+    """A media server on 127.0.0.1, which every test here must fail to reach."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MediaHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.mark.parametrize("host", ["[2002:7f00:1::1]", "[2002:a9fe:a9fe::1]", "[2001:0:4136:e378:8000:63bf:80ff:fffe]",
+                                  "[64:ff9b::7f00:1]", "[64:ff9b:1::808:808]", "[fec0::1]", "192.88.99.1",
+                                  "[::127.0.0.1]"])
+def test_ipv6_addresses_embedding_private_ipv4_are_refused(media_server, loopback_media, host):
+    """Issue #15: 6to4 (2002::/16) addresses passed the private-address check although they
+    embed 127.0.0.1 or 169.254.169.254, and so did site-local fec0::/10 and the 6to4 relay
+    192.88.99.0/24. Verified: every address that embeds or relays to a private IPv4 host
+    (6to4, Teredo, NAT64 and local-use NAT64, IPv4-compatible) is a 400 media_url_forbidden."""
+    response = post(media_server.base_url, image_body(f"http://{host}:{loopback_media}/img.png"))
+    assert_error(response, 400, "media_url_forbidden")
