@@ -467,31 +467,48 @@ async def fetch_http(url: str, settings: Settings, param: str, limit: int) -> by
     timeout = httpx.Timeout(settings.media_fetch_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            pinned, host = await pin_address(url, settings, param)
+            pinned, host, host_header = await pin_address(url, settings, param)
             try:
-                async with client.stream("GET", pinned, headers={"Host": host},
-                                         extensions={"sni_hostname": host.split(":")[0].strip("[]")}) as response:
+                async with client.stream("GET", pinned, headers={"Host": host_header},
+                                         extensions={"sni_hostname": host}) as response:
                     if response.is_redirect and "location" in response.headers:
-                        url = urljoin(url, response.headers["location"])
+                        url = redirect_target(url, response.headers["location"], param)
                         continue
                     if response.status_code != 200:
                         raise invalid(f"Fetching media failed with HTTP {response.status_code}.", param,
                                       "media_fetch_failed")
                     return await read_capped(response, limit, param)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise invalid(f"Fetching media failed: {type(exc).__name__}.", param, "media_fetch_failed") from None
     raise invalid("Too many redirects while fetching media.", param, "media_fetch_failed")
 
 
-async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, str]:
-    """(URL rewritten to a checked IP address, original Host header) or a 400."""
-    parts = urlsplit(url)
-    host = parts.hostname
+def redirect_target(url: str, location: str, param: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:
+        raise invalid("Fetching media failed: a malformed redirect.", param, "media_fetch_failed") from None
+
+
+def split_media_url(url: str, param: str) -> tuple[Any, str, int]:
+    """(parts, ASCII host, port) of an http(s) URL. The host is IDNA-encoded here, so the
+    allow-list, DNS and the Host header all see the one name that gets resolved."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a bad port, an unbalanced '[', a netloc NFKC changes, a bad IDN label: 500s before #15
+        raise invalid("The media URL is malformed.", param, "invalid_media_url") from None
     if parts.scheme not in ("http", "https") or not host:
         raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
+    return parts, host, port
+
+
+async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, str, str]:
+    """(URL rewritten to a checked IP address, host name, Host header) or a 400."""
+    parts, host, port = split_media_url(url, param)
     if not domain_allowed(host, settings.allowed_media_domains):
         raise invalid(f"Media host '{host}' is not in the allowed domains.", param, "media_url_forbidden")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
                                        settings.media_fetch_timeout_seconds)
@@ -503,7 +520,9 @@ async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, st
                       "media_url_forbidden")
     ip = addresses[0]
     netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), parts.netloc.rsplit("@", 1)[-1]
+    named = f"[{host}]" if ":" in host else host
+    return (urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host,
+            f"{named}:{parts.port}" if parts.port else named)
 
 
 def domain_allowed(host: str, domains: list[str]) -> bool:

@@ -93,3 +93,40 @@ def test_ipv6_addresses_embedding_private_ipv4_are_refused(media_server, loopbac
     (6to4, Teredo, NAT64 and local-use NAT64, IPv4-compatible) is a 400 media_url_forbidden."""
     response = post(media_server.base_url, image_body(f"http://{host}:{loopback_media}/img.png"))
     assert_error(response, 400, "media_url_forbidden")
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/x.png", "http://example.com:abc/x.png",
+                                 "http://[::1/x.png", "http://]/x.png", "http://example.com\uff0f@127.0.0.1/",
+                                 "http://example.com:-1/x.png", "http://a..b/x.png", "http://" + "a" * 64 + ".com/"])
+def test_malformed_media_urls_are_400(media_server, url):
+    """Issue #15: a port out of range or not a number, an unbalanced '[', a netloc that NFKC
+    normalization changes (a fullwidth solidus before '@') raised ValueError in urlsplit,
+    a 500. Verified: each is a 400 invalid_media_url, refused before any DNS lookup."""
+    assert_error(post(media_server.base_url, image_body(url)), 400, "invalid_media_url", "messages.0.content.0")
+
+
+def test_fuzzed_media_urls_never_get_a_server_error(tiny_model_dir):
+    """Issue #15, the property behind the case above: whatever netloc, port, user info or
+    path a media URL has, the answer is a 4xx, never a 5xx. Hosts end in .invalid, which
+    never resolves, so no case reaches the network."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+    host = st.one_of(st.just("media.invalid"), text.map(lambda t: t + ".media.invalid"), st.just("[::1"),
+                     st.just("[v1.x]"), st.just("[::1]]"), st.just("127.0.0.1"), st.just("\uff4d\uff45.media.invalid"))
+    port = st.one_of(st.just(""), st.integers(-5, 200_000).map(lambda p: f":{p}"), text.map(lambda t: ":" + t))
+    user = st.one_of(st.just(""), text.map(lambda t: t + "@"))
+    url = st.builds(lambda u, h, p, path: f"http://{u}{h}{p}/{path}", user, host, port, text)
+
+    with InProcessServer(tiny_model_dir, preload_model=True, allowed_media_domains="media.invalid",
+                         media_fetch_timeout_seconds=1.0) as srv:
+        wait_ready(srv.base_url)
+
+        @given(url=url)
+        @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(url):
+            response = post(srv.base_url, image_body(url))
+            assert 400 <= response.status_code < 500, (url, response.text)
+
+        check()
