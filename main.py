@@ -176,6 +176,8 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive comments.")
     sse_send_timeout_seconds: float = Field(
         30.0, gt=0, description="A client that accepts no bytes this long is dropped.")
+    media_fetch_deadline_seconds: float = Field(
+        30.0, gt=0, description="Longest one media URL fetch may take in all: DNS, redirects and a slow body.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -458,6 +460,17 @@ def read_local_media(url: str, root: str, param: str, limit: int) -> bytes:
 
 
 async def fetch_http(url: str, settings: Settings, param: str, limit: int) -> bytes:
+    """fetch_hops under one deadline: per-read timeouts alone let a server that drips a byte
+    a second hold a fetch for as long as it likes (24.6 s past a 2 s timeout in #15)."""
+    try:
+        async with asyncio.timeout(settings.media_fetch_deadline_seconds):
+            return await fetch_hops(url, settings, param, limit)
+    except TimeoutError:
+        raise invalid(f"Fetching media took longer than {settings.media_fetch_deadline_seconds:g} s.", param,
+                      "media_fetch_timeout") from None
+
+
+async def fetch_hops(url: str, settings: Settings, param: str, limit: int) -> bytes:
     """GET with timeouts and a streamed byte cap, re-checking the address of every redirect hop.
 
     Each hop connects to the very address that was checked (the Host header and TLS SNI

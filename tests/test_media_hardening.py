@@ -130,3 +130,40 @@ def test_fuzzed_media_urls_never_get_a_server_error(tiny_model_dir):
             assert 400 <= response.status_code < 500, (url, response.text)
 
         check()
+
+
+class DripHandler(BaseHTTPRequestHandler):
+    """Promises 1,000 bytes and sends one every 0.1 s: never idle long enough for a read timeout."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_dripping_media_server_is_cut_off_at_the_fetch_deadline(tiny_model_dir):
+    """Issue #15: a server that drips bytes kept a fetch alive 24.6 s past a 2 s timeout,
+    because timeouts applied per read. Verified: with MEDIA_FETCH_DEADLINE_SECONDS=1 the
+    request ends with 400 media_fetch_timeout within a few seconds (the drip lasts 100 s)."""
+    drip = ThreadingHTTPServer(("127.0.0.2", 0), DripHandler)
+    threading.Thread(target=drip.serve_forever, daemon=True).start()
+    try:
+        with InProcessServer(tiny_model_dir, preload_model=True, private_media_networks="127.0.0.2/32",
+                             media_fetch_timeout_seconds=2.0, media_fetch_deadline_seconds=1.0) as srv:
+            wait_ready(srv.base_url)
+            started = time.monotonic()
+            response = post(srv.base_url, image_body(f"http://127.0.0.2:{drip.server_address[1]}/slow.png"))
+            assert_error(response, 400, "media_fetch_timeout")
+            assert time.monotonic() - started < 6
+    finally:
+        drip.shutdown()
