@@ -406,6 +406,8 @@ def validate_request(body: dict) -> ChatCompletionRequest:
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URI_HEADER = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base64$")
 MAX_REDIRECTS = 3
+MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}  # what an MP4/MOV file starts with
+NO_PROTOCOLS = {"protocol_whitelist": "none"}  # FFmpeg may open no URL from inside a file
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 # Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
 # the 6to4 relay anycast, and local-use NAT64 (RFC 8215), whose IPv4 side is anyone's.
@@ -601,7 +603,7 @@ def decode_video(data: bytes, settings: Settings, param: str):
     try:
         total, fps, width, height = probe_video(data, settings, param)
         wanted = np.linspace(0, total - 1, min(settings.max_video_frames, total)).round().astype(int)
-        frames, indices = read_frames(data, set(wanted.tolist()))
+        frames, indices = read_frames(data, set(wanted.tolist()), param)
     except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
         raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
     if not frames:
@@ -613,9 +615,38 @@ def decode_video(data: bytes, settings: Settings, param: str):
     return np.stack(frames), meta
 
 
+def video_demuxer(data: bytes) -> str | None:
+    """The FFmpeg demuxer for a container we accept, from its magic bytes; None for anything else."""
+    if data[4:8] in MP4_BOXES:
+        return "mov"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"  # also WebM
+    if data.startswith(b"RIFF") and data[8:12] == b"AVI ":
+        return "avi"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if len(data) > 376 and data[0] == data[188] == data[376] == 0x47:
+        return "mpegts"
+    return None
+
+
+def open_video(data: bytes, param: str):
+    """A container over the bytes in memory, with its demuxer named, never probed.
+
+    Probing lets FFmpeg pick any of its demuxers, and some open URLs named inside the
+    file: a few hundred bytes of SDP made it bind UDP ports and wait 19 s (#15); HLS and
+    concat lists can name http:// or file:// inputs. A protocol whitelist that names no
+    protocol is the second lock: no demuxer may open anything beyond the given bytes.
+    """
+    demuxer = video_demuxer(data)
+    if demuxer is None:
+        raise invalid("Videos must be MP4/MOV, WebM/MKV, AVI, GIF or MPEG-TS.", param, "invalid_video")
+    return av.open(io.BytesIO(data), format=demuxer, container_options=NO_PROTOCOLS, metadata_errors="ignore")
+
+
 def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float, int, int]:
     """(frames, fps, width, height) from the container, refusing oversize videos before decoding."""
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data, param) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 24)
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -631,9 +662,9 @@ def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float
     return total, fps, width, height
 
 
-def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
+def read_frames(data: bytes, wanted: set[int], param: str) -> tuple[list, list[int]]:
     frames, indices, last = [], [], max(wanted)
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data, param) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
                 frames.append(frame.to_ndarray(format="rgb24"))

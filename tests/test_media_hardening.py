@@ -3,6 +3,7 @@ through a real server on the tiny checkpoint (one regression test per bug)."""
 
 import base64
 import io
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -167,3 +168,63 @@ def test_a_dripping_media_server_is_cut_off_at_the_fetch_deadline(tiny_model_dir
             assert time.monotonic() - started < 6
     finally:
         drip.shutdown()
+
+
+# ----------------------------------------------------------------------------- video containers
+
+SDP = b"""v=0
+o=- 0 0 IN IP4 127.0.0.1
+s=fuzz
+c=IN IP4 0.0.0.0
+t=0 0
+m=video 45678 RTP/AVP 96
+a=rtpmap:96 H264/90000
+m=audio 45680 RTP/AVP 97
+a=rtpmap:97 opus/48000/2
+"""
+HLS = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nhttp://127.0.0.1:9/seg.ts\n#EXT-X-ENDLIST\n"
+CONCAT = b"ffconcat version 1.0\nfile 'file:///etc/passwd'\n"
+
+
+def udp_sockets_of_this_process() -> set[str]:
+    """Inodes of the UDP sockets this process holds (the in-process server is this process)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    udp = set()
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        with open(table) as f:
+            udp |= {line.split()[9] for line in list(f)[1:]}
+    return inodes & udp
+
+
+@pytest.mark.parametrize("payload", [SDP, HLS, CONCAT], ids=["sdp", "hls", "concat"])
+def test_video_containers_that_name_urls_are_refused_without_opening_sockets(media_server, payload):
+    """Issue #15: a few hundred bytes of SDP sent as a data: video made FFmpeg probe it as
+    SDP, bind UDP ports on 0.0.0.0 and wait 19 s for RTP. Playlists (HLS, concat) can name
+    http:// and file:// inputs the same way. Verified: each is a 400 invalid_video within
+    2 s, and the server process held no UDP socket at any time while it answered."""
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(udp_sockets_of_this_process())
+            time.sleep(0.002)
+
+    before = udp_sockets_of_this_process()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        response = post(media_server.base_url, video_body(data_uri(payload, "video/mp4")))
+    finally:
+        done.set()
+        watcher.join()
+    assert_error(response, 400, "invalid_video", "messages.0.content.0")
+    assert seen - before == set()
+    assert time.monotonic() - started < 2
