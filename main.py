@@ -408,6 +408,9 @@ DATA_URI_HEADER = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base6
 MAX_REDIRECTS = 3
 MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}  # what an MP4/MOV file starts with
 NO_PROTOCOLS = {"protocol_whitelist": "none"}  # FFmpeg may open no URL from inside a file
+# Qwen's smart_resize raises above 200:1 (a 500 before #15); its video path first scales a
+# side under 32 px up to 32 with truncation, which can stretch a ratio by 32/31.
+MAX_ASPECT_RATIO = 190
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 # Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
 # the 6to4 relay anycast, and local-use NAT64 (RFC 8215), whose IPv4 side is anyone's.
@@ -583,14 +586,23 @@ async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes
     return b"".join(chunks)
 
 
+def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind: Literal["image", "video"]) -> None:
+    """Over the pixel cap is 413; a shape the vision tower cannot take is 400 (a 500 before #15)."""
+    noun = "Images" if kind == "image" else "Video frames"
+    if width * height > max_pixels:
+        raise too_large(f"{noun} may have at most {max_pixels} pixels.", param, f"{kind}_too_large")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise invalid(f"{noun} may be at most {MAX_ASPECT_RATIO} times as long as they are wide.", param,
+                      f"invalid_{kind}")
+
+
 def decode_image(data: bytes, param: str, max_pixels: int):
     """An RGB PIL image; the pixel count is checked from the header, before decoding."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
             raise invalid(f"Image format {image.format} is not supported.", param, "invalid_image")
-        if image.width * image.height > max_pixels:
-            raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large")
+        check_frame_shape(image.width, image.height, max_pixels, param, "image")
         return image.convert("RGB")
     except Image.DecompressionBombError:
         raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large") from None
@@ -603,7 +615,7 @@ def decode_video(data: bytes, settings: Settings, param: str):
     try:
         total, fps, width, height = probe_video(data, settings, param)
         wanted = np.linspace(0, total - 1, min(settings.max_video_frames, total)).round().astype(int)
-        frames, indices = read_frames(data, set(wanted.tolist()), param)
+        frames, indices = read_frames(data, set(wanted.tolist()), settings, param)
     except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
         raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
     if not frames:
@@ -648,11 +660,11 @@ def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float
     """(frames, fps, width, height) from the container, refusing oversize videos before decoding."""
     with open_video(data, param) as container:
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError, a 500, before #15)
+            raise invalid("The video's codec is not supported.", param, "invalid_video")
         fps = float(stream.average_rate or 24)
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > settings.max_image_pixels:
-            raise too_large(f"Video frames may have at most {settings.max_image_pixels} pixels.", param,
-                            "video_too_large")
+        check_frame_shape(width, height, settings.max_image_pixels, param, "video")
         total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     if total / fps > settings.max_video_seconds or total > settings.max_video_decoded_frames:
         raise too_large(f"Videos may last at most {settings.max_video_seconds:g} s and "
@@ -662,16 +674,25 @@ def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float
     return total, fps, width, height
 
 
-def read_frames(data: bytes, wanted: set[int], param: str) -> tuple[list, list[int]]:
+def read_frames(data: bytes, wanted: set[int], settings: Settings, param: str) -> tuple[list, list[int]]:
     frames, indices, last = [], [], max(wanted)
     with open_video(data, param) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
+                check_same_shape(frame, frames[0] if frames else None, settings, param)
                 frames.append(frame.to_ndarray(format="rgb24"))
                 indices.append(i)
             if i >= last:
                 break
     return frames, indices
+
+
+def check_same_shape(frame: av.VideoFrame, first: np.ndarray | None, settings: Settings, param: str) -> None:
+    """Sampled frames are stacked into one array: a stream whose resolution changes is refused
+    (np.stack raised, a 500, before #15), and so is any frame over the limits."""
+    check_frame_shape(frame.width, frame.height, settings.max_image_pixels, param, "video")
+    if first is not None and first.shape[:2] != (frame.height, frame.width):
+        raise invalid("The video changes resolution mid-stream.", param, "invalid_video")
 
 
 @dataclass

@@ -41,6 +41,27 @@ def image_bytes(size=(64, 64), fmt="PNG", color=(10, 200, 10)) -> bytes:
     return buf.getvalue()
 
 
+def video_bytes(width: int = 64, height: int = 64, frames: int = 8, fmt: str = "mp4", codec: str = "mpeg4",
+                rate: int = 8, gop: int | None = None) -> bytes:
+    """A small clip written with PyAV (its bundled FFmpeg has mpeg4 and mpeg2video)."""
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+        for i in range(frames):
+            image = np.full((height, width, 3), i * 20 % 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
 def image_body(url: str, **extra) -> dict:
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": "What is it?"}]}],
@@ -228,3 +249,42 @@ def test_video_containers_that_name_urls_are_refused_without_opening_sockets(med
     assert_error(response, 400, "invalid_video", "messages.0.content.0")
     assert seen - before == set()
     assert time.monotonic() - started < 2
+
+
+# ----------------------------------------------------------------------------- decoding errors
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (10, 2010)])
+def test_images_of_extreme_aspect_ratio_are_400(media_server, size):
+    """Issue #15: a 1x20000 or 20000x1 image passed every check, then Qwen's smart_resize
+    raised ValueError (aspect ratio over 200) inside the processor: a 500. Verified: the
+    shape is refused from the header with 400 invalid_image."""
+    response = post(media_server.base_url, image_body(data_uri(image_bytes(size), "image/png")))
+    assert_error(response, 400, "invalid_image", "messages.0.content.0")
+
+
+def test_videos_of_extreme_aspect_ratio_are_400(media_server):
+    """Issue #15: a 16x3400 video reached the video processor, whose smart_resize raised: a
+    500. Verified: 400 invalid_video, decided from the stream's dimensions."""
+    response = post(media_server.base_url, video_body(data_uri(video_bytes(16, 3400, frames=2), "video/mp4")))
+    assert_error(response, 400, "invalid_video", "messages.0.content.0")
+
+
+def test_video_whose_resolution_changes_mid_stream_is_400(media_server):
+    """Issue #15: sampled frames of two sizes made np.stack raise: a 500. Two MPEG-TS
+    segments of 64x64 and 128x96, joined byte to byte, are one legal stream whose
+    resolution changes. Verified: 400 invalid_video naming the change."""
+    first = video_bytes(64, 64, frames=8, fmt="mpegts", codec="mpeg2video")
+    second = video_bytes(128, 96, frames=8, fmt="mpegts", codec="mpeg2video")
+    response = post(media_server.base_url, video_body(data_uri(first + second, "video/mp2t")))
+    error = assert_error(response, 400, "invalid_video", "messages.0.content.0")
+    assert "resolution" in error["message"]
+
+
+def test_mp4_whose_video_stream_has_no_codec_is_400(media_server):
+    """Issue #15: mutated MP4s raised AttributeError in decoding (a 500). One byte is
+    enough: a broken 'dinf' box size leaves the video stream without a codec, and
+    stream.codec_context is None. Verified: 400 invalid_video."""
+    data = bytearray(video_bytes())
+    data[data.index(b"dinf") - 1] = 0x0B
+    response = post(media_server.base_url, video_body(data_uri(bytes(data), "video/mp4")))
+    assert_error(response, 400, "invalid_video", "messages.0.content.0")
