@@ -3,7 +3,9 @@ through a real server on the tiny checkpoint (one regression test per bug)."""
 
 import base64
 import io
+import logging
 import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -288,3 +290,35 @@ def test_mp4_whose_video_stream_has_no_codec_is_400(media_server):
     data[data.index(b"dinf") - 1] = 0x0B
     response = post(media_server.base_url, video_body(data_uri(bytes(data), "video/mp4")))
     assert_error(response, 400, "invalid_video", "messages.0.content.0")
+
+
+# ----------------------------------------------------------------------------- decode work
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_video_decodes_only_the_frames_it_samples(tiny_model_dir):
+    """Issue #15: every frame up to the last sampled one was decoded (~7.3 ms a 1080p frame,
+    so a 36,000-frame video held a worker ~4 minutes to keep 16). Verified on a 600-frame
+    MP4 with a keyframe every 10 frames: 16 frames are kept, and the server decodes at
+    most one GOP per kept frame (it seeks to the keyframe before each) instead of ~600."""
+    records = Records()
+    with InProcessServer(tiny_model_dir, preload_model=True, log_level="debug", max_video_seconds=600) as srv:
+        wait_ready(srv.base_url)
+        logging.getLogger("qwen3vl_server").addHandler(records)
+        try:
+            clip = video_bytes(32, 32, frames=600, rate=25, gop=10)
+            response = post(srv.base_url, video_body(data_uri(clip, "video/mp4")))
+        finally:
+            logging.getLogger("qwen3vl_server").removeHandler(records)
+    assert response.status_code == 200, response.text
+    [line] = [m for m in records.messages if m.startswith("video: kept")]
+    kept, total, decoded = (int(n) for n in re.findall(r"\d+", line))
+    assert (kept, total) == (16, 600)
+    assert decoded <= 16 * 10, line
