@@ -178,6 +178,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A client that accepts no bytes this long is dropped.")
     media_fetch_deadline_seconds: float = Field(
         30.0, gt=0, description="Longest one media URL fetch may take in all: DNS, redirects and a slow body.")
+    media_decode_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest a request's media may take to decode; then 413 media_decode_timeout.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -587,6 +589,26 @@ async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes
     return b"".join(chunks)
 
 
+@dataclass
+class DecodeBudget:
+    """How long a request's media may take to decode, and its cancel flag. Checked between
+    media, packets and frames, the points where decoding can stop: one long video held a
+    worker for minutes before #15, whether or not anyone still waited for the answer."""
+
+    seconds: float
+    cancel: threading.Event
+    deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def check(self, param: str) -> None:
+        if self.cancel.is_set():
+            raise APIError(409, "The request was cancelled while its media was decoded.", param=param, code="cancelled")
+        if time.monotonic() > self.deadline:
+            raise too_large(f"Decoding the media took longer than {self.seconds:g} s.", param, "media_decode_timeout")
+
+
 def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind: Literal["image", "video"]) -> None:
     """Over the pixel cap is 413; a shape the vision tower cannot take is 400 (a 500 before #15)."""
     noun = "Images" if kind == "image" else "Video frames"
@@ -611,12 +633,12 @@ def decode_image(data: bytes, param: str, max_pixels: int):
         raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, "invalid_image") from None
 
 
-def decode_video(data: bytes, settings: Settings, param: str):
+def decode_video(data: bytes, settings: Settings, param: str, budget: DecodeBudget):
     """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
     try:
-        index = index_video(data, settings, param)
+        index = index_video(data, settings, param, budget)
         wanted = np.unique(np.linspace(0, index.total - 1, min(settings.max_video_frames, index.total)).round())
-        frames, indices = read_frames(data, index, wanted.astype(int).tolist(), settings, param)
+        frames, indices = read_frames(data, index, wanted.astype(int).tolist(), settings, param, budget)
     except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
         raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
     if not frames:
@@ -678,7 +700,7 @@ class VideoIndex:
         return (int(self.keyframes[at, 0]), int(self.keyframes[at, 1])) if at >= 0 else None
 
 
-def index_video(data: bytes, settings: Settings, param: str) -> VideoIndex:
+def index_video(data: bytes, settings: Settings, param: str, budget: DecodeBudget) -> VideoIndex:
     """Demux every packet (cheap next to decoding) to count frames and find keyframes,
     refusing oversize videos before any frame is decoded."""
     with open_video(data, param) as container:
@@ -694,6 +716,8 @@ def index_video(data: bytes, settings: Settings, param: str) -> VideoIndex:
         for packet in container.demux(stream):
             if not packet.size:
                 continue
+            if len(pts) % 256 == 0:
+                budget.check(param)
             pts.append(packet.pts)
             if len(pts) > settings.max_video_decoded_frames:
                 break
@@ -711,15 +735,15 @@ def index_video(data: bytes, settings: Settings, param: str) -> VideoIndex:
                       np.array(sorted(keyframes) if timed else [], dtype=np.int64).reshape(-1, 2))
 
 
-def read_frames(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings,
-                param: str) -> tuple[list, list[int]]:
+def read_frames(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
+                budget: DecodeBudget) -> tuple[list, list[int]]:
     """The wanted frames (by position in presentation order) as RGB arrays, decoding only
     from the keyframe before each: decoding every frame cost ~7.3 ms a 1080p frame, so a
     36,000-frame video held a worker ~4 minutes to keep 16 (#15)."""
     try:
-        return read_frames_from(data, index, wanted, settings, param, seek=True)
-    except SeekMissed:  # a demuxer that seeks by estimate (MPEG-TS) landed past the frame: read through
-        return read_frames_from(data, index, wanted, settings, param, seek=False)
+        return read_frames_from(data, index, wanted, settings, param, budget, seek=True)
+    except SeekMissed:  # a seek landed past the frame (a demuxer that seeks by estimate): read through
+        return read_frames_from(data, index, wanted, settings, param, budget, seek=False)
 
 
 class SeekMissed(Exception):
@@ -727,10 +751,10 @@ class SeekMissed(Exception):
 
 
 def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
-                     seek: bool) -> tuple[list, list[int]]:
+                     budget: DecodeBudget, seek: bool) -> tuple[list, list[int]]:
     frames, indices = [], []
     with open_video(data, param) as container:
-        cursor = FrameCursor(container, container.streams.video[0])
+        cursor = FrameCursor(container, container.streams.video[0], partial(budget.check, param))
         for i in wanted:
             if index.pts.size:
                 frame = cursor.frame_at(int(index.pts[i]), index.keyframe_before(int(index.pts[i])) if seek else None)
@@ -749,8 +773,8 @@ class FrameCursor:
     """Decodes one stream forward, and seeks ahead when a keyframe lies between the last
     decoded frame and the next wanted one (then only that GOP's frames are decoded)."""
 
-    def __init__(self, container, stream):
-        self.container, self.stream = container, stream
+    def __init__(self, container, stream, check: Callable[[], None]):
+        self.container, self.stream, self.check = container, stream, check
         self.frames = container.decode(stream)
         self.last_pts: float = float("-inf")
         self.decoded = 0
@@ -762,6 +786,7 @@ class FrameCursor:
             self.container.seek(keyframe[1], stream=self.stream, backward=True)
             self.frames = self.container.decode(self.stream)
         for frame in self.frames:
+            self.check()
             self.decoded += 1
             if seeked and frame.pts is not None and frame.pts > target:
                 raise SeekMissed()
@@ -774,6 +799,7 @@ class FrameCursor:
     def frame_number(self, number: int) -> av.VideoFrame | None:
         """Frame `number` in decode order (for containers without timestamps)."""
         for frame in self.frames:
+            self.check()
             self.decoded += 1
             if self.decoded > number:
                 return frame
@@ -799,13 +825,14 @@ class PromptMessage:
     videos: list = field(default_factory=list)
     video_metadata: list = field(default_factory=list)
 
-    def decode(self, settings: Settings) -> None:
+    def decode(self, settings: Settings, budget: DecodeBudget) -> None:
         """Fetched bytes to PIL images and sampled video frames (blocking; preprocessing pool)."""
         for kind, data, param in self.fetched:
+            budget.check(param)
             if kind == "image":
                 self.images.append(decode_image(data, param, settings.max_image_pixels))
             else:
-                frames, meta = decode_video(data, settings, param)
+                frames, meta = decode_video(data, settings, param, budget)
                 self.videos.append(frames)
                 self.video_metadata.append(meta)
         self.fetched = []
@@ -856,9 +883,20 @@ def preprocess_pool() -> ThreadPoolExecutor:
                               initargs=(1,))
 
 
-async def off_loop(fn: Callable, *args) -> Any:
-    """Run CPU-bound preprocessing in the preprocessing pool."""
-    return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), partial(fn, *args))
+async def prepare_prompt(req: ChatCompletionRequest, settings: Settings, processor, context: int,
+                         cancel: threading.Event) -> tuple[str, Any, int]:
+    """Fetch media, then decode it and tokenize in one trip to the pool: (prompt, inputs, dropped).
+
+    `cancel` (the session's flag) stops decoding between frames; it is also set here when
+    the awaiting request is cancelled, since the pool's thread would otherwise go on.
+    """
+    messages = await load_media(req, settings)
+    work = partial(build_inputs, messages, settings, processor, context, cancel)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), work)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
 
 
 def tokenize(processor, messages: list[PromptMessage]):
@@ -874,11 +912,13 @@ def tokenize(processor, messages: list[PromptMessage]):
                              **kwargs)
 
 
-def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int):
+def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int,
+                 cancel: threading.Event):
     """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
     drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
+    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel)  # from when a pool thread takes it
     for message in messages:
-        message.decode(settings)
+        message.decode(settings, budget)
     dropped = 0
     while True:
         prompt, inputs = tokenize(processor, messages)
@@ -2214,9 +2254,8 @@ def close_session(state: AppState, session: Session, outcome: Outcome) -> None:
 
 async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Session) -> Job:
     """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool."""
-    messages = await load_media(req, state.settings)
-    prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
-                                             state.models.context_length)
+    prompt, inputs, dropped = await prepare_prompt(req, state.settings, state.models.processor,
+                                                   state.models.context_length, session.cancel_event)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.vocab_size)

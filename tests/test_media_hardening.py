@@ -322,3 +322,59 @@ def test_video_decodes_only_the_frames_it_samples(tiny_model_dir):
     kept, total, decoded = (int(n) for n in re.findall(r"\d+", line))
     assert (kept, total) == (16, 600)
     assert decoded <= 16 * 10, line
+
+
+def test_slow_video_decoding_stops_at_the_decode_deadline(tiny_model_dir, monkeypatch):
+    """Issue #15: nothing bounded the time one request's media could take to decode.
+    Each kept frame is made to cost 0.3 s here (a fault injected into the in-process
+    server). Verified: with MEDIA_DECODE_TIMEOUT_SECONDS=1 the request gets 413
+    media_decode_timeout after a few frames instead of decoding all 16 (~5 s)."""
+    import main
+
+    kept, real = [], main.check_same_shape
+
+    def slow_frame(*args):
+        kept.append(1)
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(main, "check_same_shape", slow_frame)
+    with InProcessServer(tiny_model_dir, preload_model=True, media_decode_timeout_seconds=1.0) as srv:
+        wait_ready(srv.base_url)
+        started = time.monotonic()
+        response = post(srv.base_url, video_body(data_uri(video_bytes(frames=32), "video/mp4")))
+        assert_error(response, 413, "media_decode_timeout", "messages.0.content.0")
+        assert time.monotonic() - started < 4
+        assert len(kept) < 8
+
+
+def test_cancel_while_media_decodes_stops_before_the_next_media(media_server, monkeypatch):
+    """Issue #15: a request cancelled while its media decoded (its session's cancel flag
+    set) went on decoding every frame and only then was refused. The first image's decode
+    is held here until the session is cancelled. Verified: the request ends with 409
+    cancelled, and the video after that image is never decoded."""
+    import main
+
+    entered, release, videos = threading.Event(), threading.Event(), []
+    real_image, real_video = main.decode_image, main.decode_video
+
+    def held_image(*args):
+        entered.set()
+        release.wait(10)
+        return real_image(*args)
+
+    monkeypatch.setattr(main, "decode_image", held_image)
+    monkeypatch.setattr(main, "decode_video", lambda *args: videos.append(1) or real_video(*args))
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image_bytes(), "image/png")}},
+        {"type": "video_url", "video_url": {"url": data_uri(video_bytes(), "video/mp4")}}]}],
+        "max_tokens": 2, "session_id": "cancelled-while-decoding"}
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(response=post(media_server.base_url, body)))
+    sender.start()
+    assert entered.wait(30)
+    media_server.state.sessions.sessions["cancelled-while-decoding"].cancel("manual")  # what /v1/cancel calls
+    release.set()
+    sender.join(30)
+    assert_error(result["response"], 409, "cancelled", "messages.0.content.1")
+    assert videos == []
