@@ -378,3 +378,36 @@ def test_cancel_while_media_decodes_stops_before_the_next_media(media_server, mo
     sender.join(30)
     assert_error(result["response"], 409, "cancelled", "messages.0.content.1")
     assert videos == []
+
+
+def test_text_requests_do_not_queue_behind_media_decoding(media_server, monkeypatch):
+    """Issue #15: media decoding and tokenizing shared one 2-thread pool, so two slow videos
+    made every text-only request wait behind them. Three image requests are held inside
+    decoding here (more than the media pool's threads). Verified: a text-only request is
+    answered meanwhile, and the held requests complete once released."""
+    import main
+
+    release, entered = threading.Event(), threading.Semaphore(0)
+    real = main.decode_image
+
+    def held(*args):
+        entered.release()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(main, "decode_image", held)
+    body = image_body(data_uri(image_bytes(), "image/png"))
+    results = []
+    senders = [threading.Thread(target=lambda: results.append(post(media_server.base_url, body))) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    try:
+        assert entered.acquire(timeout=30) and entered.acquire(timeout=30)  # both media threads are busy
+        text = httpx.post(media_server.base_url + "/v1/chat/completions", timeout=15,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert text.status_code == 200, text.text
+    finally:
+        release.set()
+        for sender in senders:
+            sender.join(60)
+    assert [r.status_code for r in results] == [200, 200, 200]
