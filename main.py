@@ -414,6 +414,7 @@ NO_PROTOCOLS = {"protocol_whitelist": "none"}  # FFmpeg may open no URL from ins
 # side under 32 px up to 32 with truncation, which can stretch a ratio by 32/31.
 MAX_ASPECT_RATIO = 190
 SEEKS_BY_DTS = {"mpegts"}  # demuxers whose seeks search decode times; MP4, MKV and AVI seek by presentation time
+FRAME_LIST_FPS = 1.0  # frame-list videos carry no timing; vLLM assumes 1 frame a second too
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 # Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
 # the 6to4 relay anycast, and local-use NAT64 (RFC 8215), whose IPv4 side is anyone's.
@@ -619,35 +620,84 @@ def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind
                       f"invalid_{kind}")
 
 
-def decode_image(data: bytes, param: str, max_pixels: int):
-    """An RGB PIL image; the pixel count is checked from the header, before decoding."""
+def check_same_shape(width: int, height: int, first: np.ndarray | None, settings: Settings, param: str) -> None:
+    """Sampled frames are stacked into one array: a stream whose resolution changes is refused
+    (np.stack raised, a 500, before #15), and so is any frame over the limits."""
+    check_frame_shape(width, height, settings.max_image_pixels, param, "video")
+    if first is not None and first.shape[:2] != (height, width):
+        raise invalid("The video changes resolution mid-stream.", param, "invalid_video")
+
+
+def decode_image(data: bytes, param: str, max_pixels: int, kind: Literal["image", "video"] = "image"):
+    """An RGB PIL image; the pixel count is checked from the header, before decoding. As a
+    frame of a frame-list video (kind "video"), its refusals carry the video codes."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
-            raise invalid(f"Image format {image.format} is not supported.", param, "invalid_image")
-        check_frame_shape(image.width, image.height, max_pixels, param, "image")
+            raise invalid(f"Image format {image.format} is not supported.", param, f"invalid_{kind}")
+        check_frame_shape(image.width, image.height, max_pixels, param, kind)
         return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large") from None
+        raise too_large(f"Images may have at most {max_pixels} pixels.", param, f"{kind}_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, "invalid_image") from None
+        raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, f"invalid_{kind}") from None
+
+
+def split_frame_list(url: str, settings: Settings, param: str) -> list[str]:
+    """The base64 frames of vLLM's frame-list video, `data:video/jpeg;base64,<jpeg>,<jpeg>,...`
+    (refused as bad base64 before #15); only the sampled ones are ever decoded."""
+    header, _, payload = url.partition(",")
+    if not DATA_URI_HEADER.match(header):
+        raise invalid("Data URIs must be base64 encoded: data:<mime>;base64,<data>.", param, "invalid_data_uri")
+    if len(payload) // 4 * 3 > settings.max_video_bytes:
+        raise too_large(f"Media is larger than {settings.max_video_bytes} bytes.", param, "media_too_large")
+    if payload.count(",") >= settings.max_video_decoded_frames:
+        raise too_large(f"Videos may hold at most {settings.max_video_decoded_frames} frames.", param,
+                        "video_too_large")
+    return payload.split(",")
+
+
+def decode_frame_list(chunks: list[str], settings: Settings, param: str, budget: DecodeBudget):
+    """A frame-list video sampled like any other: (frames, metadata). The list carries no
+    timing; FRAME_LIST_FPS stands in for it, and MAX_VIDEO_SECONDS does not apply."""
+    frames, indices = [], sample_positions(len(chunks), settings)
+    for i in indices:
+        budget.check(param)
+        try:
+            data = base64.b64decode(chunks[i], validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"Frame {i} of the video holds invalid base64.", param, "invalid_data_uri") from None
+        image = decode_image(data, param, settings.max_image_pixels, "video")
+        check_same_shape(image.width, image.height, frames[0] if frames else None, settings, param)
+        frames.append(np.asarray(image))
+    return sampled_video(frames, indices, len(chunks), FRAME_LIST_FPS, "jpeg_sequence", param)
+
+
+def sample_positions(total: int, settings: Settings) -> list[int]:
+    """At most MAX_VIDEO_FRAMES positions spread evenly over `total` frames, first and last included."""
+    return np.unique(np.linspace(0, total - 1, min(settings.max_video_frames, total)).round()).astype(int).tolist()
+
+
+def sampled_video(frames: list, indices: list[int], total: int, fps: float, backend: str, param: str):
+    """(frames stacked [t, h, w, 3], metadata naming where each came from)."""
+    if not frames:
+        raise invalid("The video holds no decodable frames.", param, "invalid_video")
+    if len(frames) == 1:  # the vision tower groups frames in pairs
+        frames, indices = frames * 2, indices * 2
+    height, width = frames[0].shape[:2]
+    meta = VideoMetadata(total_num_frames=total, fps=fps, width=width, height=height, duration=total / fps,
+                         video_backend=backend, frames_indices=np.array(indices))
+    return np.stack(frames), meta
 
 
 def decode_video(data: bytes, settings: Settings, param: str, budget: DecodeBudget):
     """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
     try:
         index = index_video(data, settings, param, budget)
-        wanted = np.unique(np.linspace(0, index.total - 1, min(settings.max_video_frames, index.total)).round())
-        frames, indices = read_frames(data, index, wanted.astype(int).tolist(), settings, param, budget)
+        frames, indices = read_frames(data, index, sample_positions(index.total, settings), settings, param, budget)
     except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
         raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
-    if not frames:
-        raise invalid("The video holds no decodable frames.", param, "invalid_video")
-    if len(frames) == 1:  # the vision tower groups frames in pairs
-        frames, indices = frames * 2, indices * 2
-    meta = VideoMetadata(total_num_frames=index.total, fps=index.fps, width=index.width, height=index.height,
-                         duration=index.total / index.fps, video_backend="pyav", frames_indices=np.array(indices))
-    return np.stack(frames), meta
+    return sampled_video(frames, indices, index.total, index.fps, "pyav", param)
 
 
 def video_demuxer(data: bytes) -> str | None:
@@ -762,7 +812,7 @@ def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings
                 frame = cursor.frame_number(i)
             if frame is None:
                 break
-            check_same_shape(frame, frames[0] if frames else None, settings, param)
+            check_same_shape(frame.width, frame.height, frames[0] if frames else None, settings, param)
             frames.append(frame.to_ndarray(format="rgb24"))
             indices.append(i)
         logger.debug("video: kept %d of %d frames, decoded %d", len(frames), index.total, cursor.decoded)
@@ -806,14 +856,6 @@ class FrameCursor:
         return None
 
 
-def check_same_shape(frame: av.VideoFrame, first: np.ndarray | None, settings: Settings, param: str) -> None:
-    """Sampled frames are stacked into one array: a stream whose resolution changes is refused
-    (np.stack raised, a 500, before #15), and so is any frame over the limits."""
-    check_frame_shape(frame.width, frame.height, settings.max_image_pixels, param, "video")
-    if first is not None and first.shape[:2] != (frame.height, frame.width):
-        raise invalid("The video changes resolution mid-stream.", param, "invalid_video")
-
-
 @lru_cache(maxsize=1)
 def media_pool() -> ThreadPoolExecutor:
     """Threads for requests with media: decoding, then the processor's resizing and patching.
@@ -835,7 +877,7 @@ class PromptMessage:
 
     role: str
     content: str | list[dict]
-    fetched: list[tuple[str, bytes, str]] = field(default_factory=list)  # (kind, bytes, param), in order
+    fetched: list[tuple[str, Any, str]] = field(default_factory=list)  # (kind, bytes or frame list, param)
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     video_metadata: list = field(default_factory=list)
@@ -847,7 +889,8 @@ class PromptMessage:
             if kind == "image":
                 self.images.append(decode_image(data, param, settings.max_image_pixels))
             else:
-                frames, meta = decode_video(data, settings, param, budget)
+                decode = decode_frame_list if kind == "frames" else decode_video
+                frames, meta = decode(data, settings, param, budget)
                 self.videos.append(frames)
                 self.video_metadata.append(meta)
         self.fetched = []
@@ -876,6 +919,9 @@ async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings
         data = await fetch_media(part.image_url.url, settings, param, settings.max_image_bytes)
         prompt.fetched.append(("image", data, param))
         prompt.content.append({"type": "image"})
+    elif part.video_url.url[:16].lower() == "data:video/jpeg;":
+        prompt.fetched.append(("frames", split_frame_list(part.video_url.url, settings, param), param))
+        prompt.content.append({"type": "video"})
     else:
         data = await fetch_media(part.video_url.url, settings, param, settings.max_video_bytes)
         prompt.fetched.append(("video", data, param))

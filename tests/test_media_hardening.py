@@ -411,3 +411,45 @@ def test_text_requests_do_not_queue_behind_media_decoding(media_server, monkeypa
         for sender in senders:
             sender.join(60)
     assert [r.status_code for r in results] == [200, 200, 200]
+
+
+# ----------------------------------------------------------------------------- frame-list videos
+
+def frame_list(count: int, size=(64, 48), sizes: list | None = None) -> str:
+    """vLLM's frame-list video: data:video/jpeg;base64,<jpeg>,<jpeg>,..."""
+    sizes = sizes or [size] * count
+    frames = [image_bytes(s, "JPEG", (i * 30 % 255, 80, 160)) for i, s in enumerate(sizes)]
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(f).decode() for f in frames)
+
+
+def prompt_tokens(response: httpx.Response) -> int:
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+def test_frame_list_video_data_uri_is_accepted_and_sampled(tiny_model_dir):
+    """Issue #15: vLLM's frame-list video (`data:video/jpeg;base64,<jpeg>,<jpeg>,...`) was
+    refused as invalid base64. Verified: it is served; each JPEG is a frame; a list longer
+    than MAX_VIDEO_FRAMES is sampled down to it (40 frames cost what 4 do with
+    MAX_VIDEO_FRAMES=4, but for the text of their timestamps), and one frame alone works."""
+    with InProcessServer(tiny_model_dir, preload_model=True, max_video_frames=4) as srv:
+        wait_ready(srv.base_url)
+        four = prompt_tokens(post(srv.base_url, video_body(frame_list(4))))
+        forty = prompt_tokens(post(srv.base_url, video_body(frame_list(40))))
+        text_only = prompt_tokens(post(srv.base_url, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+        assert four > text_only and abs(forty - four) <= 4
+        assert prompt_tokens(post(srv.base_url, video_body(frame_list(1)))) > text_only
+
+
+def test_frame_list_videos_keep_the_video_limits(tiny_model_dir):
+    """Issue #15, the limits that come with accepting frame lists. Verified: more frames
+    than MAX_VIDEO_DECODED_FRAMES is 413 video_too_large; a frame over MAX_IMAGE_PIXELS is
+    413 video_too_large; frames of two sizes and a frame of bad base64 are 400."""
+    with InProcessServer(tiny_model_dir, preload_model=True, max_video_decoded_frames=10,
+                         max_image_pixels=100 * 100) as srv:
+        wait_ready(srv.base_url)
+        assert_error(post(srv.base_url, video_body(frame_list(11))), 413, "video_too_large")
+        assert_error(post(srv.base_url, video_body(frame_list(2, size=(200, 200)))), 413, "video_too_large")
+        mixed = frame_list(2, sizes=[(64, 48), (48, 64)])
+        assert_error(post(srv.base_url, video_body(mixed)), 400, "invalid_video")
+        assert_error(post(srv.base_url, video_body(frame_list(3) + ",@@@@")), 400, "invalid_data_uri")
