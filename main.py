@@ -180,6 +180,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest one media URL fetch may take in all: DNS, redirects and a slow body.")
     media_decode_timeout_seconds: float = Field(
         30.0, gt=0, description="Longest a request's media may take to decode; then 413 media_decode_timeout.")
+    max_image_tokens: int = Field(
+        1024, ge=1, description="Vision tokens one image may become; larger images are scaled down to fit.")
+    max_video_tokens: int = Field(
+        4096, ge=1, description="Vision tokens one video may become, all its frames together; frames are scaled down.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -957,17 +961,35 @@ async def prepare_prompt(req: ChatCompletionRequest, settings: Settings, process
         raise
 
 
-def tokenize(processor, messages: list[PromptMessage]):
+def tokenize(processor, messages: list[PromptMessage], settings: Settings):
     """(prompt text, processor inputs) for the messages and their media, in order."""
     prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                            tokenize=False, add_generation_prompt=True)
     images = [image for m in messages for image in m.images]
     videos = [video for m in messages for video in m.videos]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    if images:
+        kwargs["images_kwargs"] = {"size": vision_size(processor.image_processor, settings.max_image_tokens, 1)}
     if videos:  # frames were sampled in decode_video, with their original indices in the metadata
-        kwargs = {"video_metadata": [v for m in messages for v in m.video_metadata], "do_sample_frames": False}
+        video = processor.video_processor
+        kwargs.update(video_metadata=[v for m in messages for v in m.video_metadata], do_sample_frames=False,
+                      videos_kwargs={"size": vision_size(video, settings.max_video_tokens, video.temporal_patch_size)})
     return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
                              **kwargs)
+
+
+def vision_size(processor, tokens: int, frames_per_token: int) -> dict:
+    """The processor's resize bounds, capped so its output is at most `tokens` vision tokens.
+
+    A token is one merge_size x merge_size group of patch_size patches (32 x 32 pixels for
+    Qwen3-VL), over temporal_patch_size frames for videos; Qwen's smart_resize scales an
+    image (or a video's frames together) down to fit `longest_edge` pixels. Without a cap a
+    legal 6000x6000 PNG became a 12-16k-token prompt whose prefill paused every running
+    stream for 44-101 s (#15).
+    """
+    side = processor.patch_size * processor.merge_size
+    longest = min(processor.size["longest_edge"], tokens * side * side * frames_per_token)
+    return {"shortest_edge": min(processor.size["shortest_edge"], longest), "longest_edge": longest}
 
 
 def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int,
@@ -979,7 +1001,7 @@ def build_inputs(messages: list[PromptMessage], settings: Settings, processor, c
         message.decode(settings, budget)
     dropped = 0
     while True:
-        prompt, inputs = tokenize(processor, messages)
+        prompt, inputs = tokenize(processor, messages, settings)
         tokens = int(inputs["input_ids"].shape[1])
         if tokens < context:
             return prompt, inputs, dropped

@@ -453,3 +453,25 @@ def test_frame_list_videos_keep_the_video_limits(tiny_model_dir):
         mixed = frame_list(2, sizes=[(64, 48), (48, 64)])
         assert_error(post(srv.base_url, video_body(mixed)), 400, "invalid_video")
         assert_error(post(srv.base_url, video_body(frame_list(3) + ",@@@@")), 400, "invalid_data_uri")
+
+
+# ----------------------------------------------------------------------------- vision token budgets
+
+def test_large_images_are_scaled_to_the_vision_token_budget_and_counted_in_the_context(media_server, tiny_model_dir):
+    """Issue #15: a legal 105 KB 6000x6000 PNG became a 12-16k-token prompt whose prefill
+    paused every running stream for 44-101 s. Verified with ~3,200 tokens of text and four
+    3000x3000 PNGs, against the tiny model's 4,096-token context: with MAX_IMAGE_TOKENS=16
+    each image costs at most 16 vision tokens (plus its 2 markers) and the request is
+    served; with the default budget (here the tiny processor's own cap, 256) the same
+    request is refused as context_length_exceeded, so vision tokens count in the check."""
+    text = "hello there " * 460  # 7 tokens each for the tiny tokenizer
+    image = {"type": "image_url", "image_url": {"url": data_uri(image_bytes((3000, 3000)), "image/png")}}
+    with_images = {"messages": [{"role": "user", "content": [image] * 4 + [{"type": "text", "text": text}]}],
+                   "max_tokens": 1}
+    text_only = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "max_tokens": 1}
+    with InProcessServer(tiny_model_dir, preload_model=True, max_image_tokens=16) as srv:
+        wait_ready(srv.base_url)
+        words = prompt_tokens(post(srv.base_url, text_only))
+        assert 3000 < words < 3800, words
+        assert words < prompt_tokens(post(srv.base_url, with_images)) <= words + 4 * (16 + 2)
+    assert_error(post(media_server.base_url, with_images), 400, "context_length_exceeded")
