@@ -184,6 +184,8 @@ class Settings(BaseSettings):
         1024, ge=1, description="Vision tokens one image may become; larger images are scaled down to fit.")
     max_video_tokens: int = Field(
         4096, ge=1, description="Vision tokens one video may become, all its frames together; frames are scaled down.")
+    max_messages: int = Field(
+        1024, ge=1, description="Most messages in one request, each content part of a message counted as one.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -901,10 +903,11 @@ class PromptMessage:
 
 
 
-async def load_media(req: ChatCompletionRequest, settings: Settings) -> list[PromptMessage]:
-    """Messages with their media fetched (not yet decoded), replaced by template placeholders."""
+async def load_media(messages: list[tuple[int, Message]], settings: Settings) -> list[PromptMessage]:
+    """Messages (with their index in the request) with their media fetched, not yet decoded,
+    and replaced by template placeholders."""
     out = []
-    for i, message in enumerate(req.messages):
+    for i, message in messages:
         role = "system" if message.role == "developer" else message.role
         if not isinstance(message.content, list):
             out.append(PromptMessage(role, message.content or ""))
@@ -936,6 +939,12 @@ async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings
 
 # ----------------------------------------------------------------------------- prompt
 
+# A prompt averaging more characters a token than this is refused (or truncated) before it
+# is tokenized: English runs ~4 with Qwen's tokenizer, code ~3, and only long runs of
+# one repeated character reach 16. Tokenizing first took 30-77 s for a 19 MB body (#15).
+MAX_CHARS_PER_TOKEN = 16
+
+
 @lru_cache(maxsize=1)
 def preprocess_pool() -> ThreadPoolExecutor:
     """Threads for tokenizing text-only requests; one torch thread each, as in media_pool."""
@@ -951,14 +960,45 @@ async def prepare_prompt(req: ChatCompletionRequest, settings: Settings, process
     `cancel` (the session's flag) stops decoding between frames; it is also set here when
     the awaiting request is cancelled, since the pool's thread would otherwise go on.
     """
-    messages = await load_media(req, settings)
+    kept, dropped = fit_text_budget(req, settings, context)
+    messages = await load_media(kept, settings)
     pool = media_pool() if any(m.fetched for m in messages) else preprocess_pool()
     work = partial(build_inputs, messages, settings, processor, context, cancel)
     try:
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
+        prompt, inputs, truncated = await asyncio.get_running_loop().run_in_executor(pool, work)
     except asyncio.CancelledError:
         cancel.set()
         raise
+    return prompt, inputs, dropped + truncated
+
+
+def fit_text_budget(req: ChatCompletionRequest, settings: Settings, context: int) -> tuple[list, int]:
+    """Checks that cost nothing next to tokenizing, made before any media is fetched:
+    MAX_MESSAGES (550k tiny messages took 118 s to tokenize before their 400, #15), and
+    the text's length against what the context can hold. With CONTEXT_OVERFLOW=truncate
+    the oldest turns that could never fit are dropped here, as the token check would drop
+    them. Returns the (index, message) pairs kept and how many were dropped."""
+    parts = sum(len(m.content) if isinstance(m.content, list) else 1 for m in req.messages)
+    if max(parts, len(req.messages)) > settings.max_messages:
+        raise invalid(f"At most {settings.max_messages} messages and content parts per request.", "messages",
+                      "too_many_messages")
+    kept = list(enumerate(req.messages))
+    chars = [text_chars(m) for _, m in kept]
+    dropped = 0
+    while sum(chars) > context * MAX_CHARS_PER_TOKEN:
+        droppable = [k for k, (_, m) in enumerate(kept[:-1]) if m.role not in ("system", "developer")]
+        if settings.context_overflow != "truncate" or not droppable:
+            raise invalid(f"The prompt has {sum(chars)} characters, more than the model's context of {context} "
+                          "tokens can hold.", "messages", "context_length_exceeded")
+        del kept[droppable[0]], chars[droppable[0]]
+        dropped += 1
+    return kept, dropped
+
+
+def text_chars(message: Message) -> int:
+    if isinstance(message.content, list):
+        return sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+    return len(message.content or "")
 
 
 def tokenize(processor, messages: list[PromptMessage], settings: Settings):
@@ -999,18 +1039,45 @@ def build_inputs(messages: list[PromptMessage], settings: Settings, processor, c
     budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel)  # from when a pool thread takes it
     for message in messages:
         message.decode(settings, budget)
-    dropped = 0
-    while True:
-        prompt, inputs = tokenize(processor, messages, settings)
-        tokens = int(inputs["input_ids"].shape[1])
-        if tokens < context:
-            return prompt, inputs, dropped
-        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
-        if settings.context_overflow != "truncate" or not droppable:
-            raise invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
-                          "context_length_exceeded")
-        del messages[droppable[0]]
-        dropped += 1
+    prompt, inputs = tokenize(processor, messages, settings)
+    if prompt_length(inputs) < context:
+        return prompt, inputs, 0
+    droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+    if settings.context_overflow != "truncate" or not droppable:
+        raise over_context(prompt_length(inputs), context)
+    return truncate_turns(messages, droppable, settings, processor, context)
+
+
+def truncate_turns(messages: list[PromptMessage], droppable: list[int], settings: Settings, processor, context: int):
+    """The prompt without the fewest oldest droppable turns that lets it fit: (prompt, inputs,
+    dropped). Bisected, since tokens only fall as turns go: dropping one turn per try cost a
+    tokenization of the whole prompt per dropped turn."""
+
+    def without(count: int) -> tuple[str, Any]:
+        gone = set(droppable[:count])
+        return tokenize(processor, [m for i, m in enumerate(messages) if i not in gone], settings)
+
+    low, high = 1, len(droppable)
+    best = without(high)
+    if prompt_length(best[1]) >= context:
+        raise over_context(prompt_length(best[1]), context)
+    while low < high:
+        middle = (low + high) // 2
+        attempt = without(middle)
+        if prompt_length(attempt[1]) < context:
+            high, best = middle, attempt
+        else:
+            low = middle + 1
+    return *best, high
+
+
+def prompt_length(inputs) -> int:
+    return int(inputs["input_ids"].shape[1])
+
+
+def over_context(tokens: int, context: int) -> APIError:
+    return invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
+                   "context_length_exceeded")
 
 
 @dataclass

@@ -475,3 +475,49 @@ def test_large_images_are_scaled_to_the_vision_token_budget_and_counted_in_the_c
         assert 3000 < words < 3800, words
         assert words < prompt_tokens(post(srv.base_url, with_images)) <= words + 4 * (16 + 2)
     assert_error(post(media_server.base_url, with_images), 400, "context_length_exceeded")
+
+
+# ----------------------------------------------------------------------------- prompt size
+
+def test_a_huge_text_body_is_refused_before_tokenizing(media_server):
+    """Issue #15: a 19 MB text body was tokenized for 30-77 s before its 400. Verified: an
+    8 MB message (far more characters than the 4,096-token context could hold at 16 a
+    token) is a 400 context_length_exceeded within a few seconds, JSON parsing included."""
+    started = time.monotonic()
+    response = post(media_server.base_url, {"messages": [{"role": "user", "content": "hello there " * 700_000}]})
+    assert_error(response, 400, "context_length_exceeded", "messages")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("shape", ["messages", "parts"])
+def test_too_many_messages_are_refused_before_tokenizing(media_server, shape):
+    """Issue #15: 550k tiny messages were templated and tokenized for 118 s before their
+    400. Verified: 20,000 messages, or one message of 20,000 text parts, are a 400
+    too_many_messages (MAX_MESSAGES is 1024) within a few seconds."""
+    if shape == "messages":
+        messages = [{"role": "user", "content": "a"}] * 20_000
+    else:
+        messages = [{"role": "user", "content": [{"type": "text", "text": "a"}] * 20_000}]
+    started = time.monotonic()
+    assert_error(post(media_server.base_url, {"messages": messages}), 400, "too_many_messages", "messages")
+    assert time.monotonic() - started < 5
+
+
+def test_truncation_drops_the_fewest_turns_in_few_tokenizations(tiny_model_dir, monkeypatch):
+    """Issue #15, the same work in CONTEXT_OVERFLOW=truncate: dropping one turn at a time
+    tokenized the whole prompt once per dropped turn (hundreds of times here). Verified
+    with 400 turns of ~90 tokens against a 4,096-token context: the prompt is tokenized
+    at most 12 times, and what is kept is as much as fits (within one turn of the context)."""
+    import main
+
+    calls, real = [], main.tokenize
+    monkeypatch.setattr(main, "tokenize", lambda *args: calls.append(1) or real(*args))
+    turn = "hello there " * 13  # 91 tokens for the tiny tokenizer
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": turn} for i in range(400)]
+    messages.append({"role": "user", "content": "And now?"})
+    with InProcessServer(tiny_model_dir, preload_model=True, context_overflow="truncate") as srv:
+        wait_ready(srv.base_url)
+        body = post(srv.base_url, {"messages": messages, "max_tokens": 1}).json()
+    assert body["truncated_messages"] == 360, body  # what dropping a turn at a time gave
+    assert 4096 - 120 <= body["usage"]["prompt_tokens"] < 4096
+    assert len(calls) <= 12
