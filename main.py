@@ -604,6 +604,8 @@ class DecodeBudget:
 
     seconds: float
     cancel: threading.Event
+    image_pixels: int = 0  # what the processor will scale an image down to (0: no scaling here)
+    video_pixels: int = 0  # ... and a video, all its sampled frames together
     deadline: float = 0.0
 
     def __post_init__(self) -> None:
@@ -626,23 +628,38 @@ def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind
                       f"invalid_{kind}")
 
 
-def check_same_shape(width: int, height: int, first: np.ndarray | None, settings: Settings, param: str) -> None:
-    """Sampled frames are stacked into one array: a stream whose resolution changes is refused
-    (np.stack raised, a 500, before #15), and so is any frame over the limits."""
-    check_frame_shape(width, height, settings.max_image_pixels, param, "video")
-    if first is not None and first.shape[:2] != (height, width):
+def check_stackable(frames: list[np.ndarray], frame: np.ndarray, param: str) -> None:
+    """Sampled frames are stacked into one array: a stream whose resolution changes is
+    refused (np.stack raised, a 500, before #15)."""
+    if frames and frames[0].shape != frame.shape:
         raise invalid("The video changes resolution mid-stream.", param, "invalid_video")
 
 
-def decode_image(data: bytes, param: str, max_pixels: int, kind: Literal["image", "video"] = "image"):
-    """An RGB PIL image; the pixel count is checked from the header, before decoding. As a
-    frame of a frame-list video (kind "video"), its refusals carry the video codes."""
+def shrink_factor(width: int, height: int, target: int) -> float:
+    """How many times smaller each side may get while keeping twice `target` pixels; the
+    processor's resize makes the exact fit from there. Scaling here first keeps a 6000x6000
+    image from reaching the processor as a 430 MB float tensor. Below 2, not worth it. The
+    short side stays at least 32 px (one vision token's side), so rounding it moves the
+    aspect ratio checked before by at most 32/31."""
+    factor = min((width * height / (2 * target)) ** 0.5, min(width, height) / 32) if target else 1.0
+    return factor if factor >= 2 else 1.0
+
+
+def decode_image(data: bytes, param: str, max_pixels: int, target: int, kind: Literal["image", "video"] = "image"):
+    """An RGB PIL image, scaled down by a whole factor towards `target` pixels; the pixel
+    count is checked from the header, before decoding. As a frame of a frame-list video
+    (kind "video"), its refusals carry the video codes."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
             raise invalid(f"Image format {image.format} is not supported.", param, f"invalid_{kind}")
         check_frame_shape(image.width, image.height, max_pixels, param, kind)
-        return image.convert("RGB")
+        factor = shrink_factor(image.width, image.height, target)
+        if factor > 1:  # JPEG decodes straight to 1/2..1/8 scale; other formats ignore the draft
+            image.draft("RGB", (int(image.width / factor), int(image.height / factor)))
+        image = image.convert("RGB")
+        factor = int(shrink_factor(image.width, image.height, target))
+        return image.reduce(factor) if factor > 1 else image
     except Image.DecompressionBombError:
         raise too_large(f"Images may have at most {max_pixels} pixels.", param, f"{kind}_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -667,15 +684,16 @@ def decode_frame_list(chunks: list[str], settings: Settings, param: str, budget:
     """A frame-list video sampled like any other: (frames, metadata). The list carries no
     timing; FRAME_LIST_FPS stands in for it, and MAX_VIDEO_SECONDS does not apply."""
     frames, indices = [], sample_positions(len(chunks), settings)
+    target = budget.video_pixels // max(2, len(indices))
     for i in indices:
         budget.check(param)
         try:
             data = base64.b64decode(chunks[i], validate=True)
         except (binascii.Error, ValueError):
             raise invalid(f"Frame {i} of the video holds invalid base64.", param, "invalid_data_uri") from None
-        image = decode_image(data, param, settings.max_image_pixels, "video")
-        check_same_shape(image.width, image.height, frames[0] if frames else None, settings, param)
-        frames.append(np.asarray(image))
+        frame = np.asarray(decode_image(data, param, settings.max_image_pixels, target, "video"))
+        check_stackable(frames, frame, param)
+        frames.append(frame)
     return sampled_video(frames, indices, len(chunks), FRAME_LIST_FPS, "jpeg_sequence", param)
 
 
@@ -808,7 +826,7 @@ class SeekMissed(Exception):
 
 def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
                      budget: DecodeBudget, seek: bool) -> tuple[list, list[int]]:
-    frames, indices = [], []
+    frames, indices, target = [], [], budget.video_pixels // max(2, len(wanted))
     with open_video(data, param) as container:
         cursor = FrameCursor(container, container.streams.video[0], partial(budget.check, param))
         for i in wanted:
@@ -818,11 +836,21 @@ def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings
                 frame = cursor.frame_number(i)
             if frame is None:
                 break
-            check_same_shape(frame.width, frame.height, frames[0] if frames else None, settings, param)
-            frames.append(frame.to_ndarray(format="rgb24"))
+            check_frame_shape(frame.width, frame.height, settings.max_image_pixels, param, "video")
+            frames.append(rgb_frame(frame, target))
+            check_stackable(frames[:-1], frames[-1], param)
             indices.append(i)
         logger.debug("video: kept %d of %d frames, decoded %d", len(frames), index.total, cursor.decoded)
     return frames, indices
+
+
+def rgb_frame(frame: av.VideoFrame, target: int) -> np.ndarray:
+    """The frame as [h, w, 3] RGB, scaled by FFmpeg towards `target` pixels (see shrink_factor)."""
+    factor = shrink_factor(frame.width, frame.height, target)
+    if factor == 1:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=max(1, round(frame.width / factor)),
+                            height=max(1, round(frame.height / factor)), interpolation="AREA")
 
 
 class FrameCursor:
@@ -893,7 +921,7 @@ class PromptMessage:
         for kind, data, param in self.fetched:
             budget.check(param)
             if kind == "image":
-                self.images.append(decode_image(data, param, settings.max_image_pixels))
+                self.images.append(decode_image(data, param, settings.max_image_pixels, budget.image_pixels))
             else:
                 decode = decode_frame_list if kind == "frames" else decode_video
                 frames, meta = decode(data, settings, param, budget)
@@ -1036,7 +1064,10 @@ def build_inputs(messages: list[PromptMessage], settings: Settings, processor, c
                  cancel: threading.Event):
     """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
     drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
-    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel)  # from when a pool thread takes it
+    video = processor.video_processor  # the deadline runs from when a pool thread takes the work
+    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel,
+                          vision_size(processor.image_processor, settings.max_image_tokens, 1)["longest_edge"],
+                          vision_size(video, settings.max_video_tokens, video.temporal_patch_size)["longest_edge"])
     for message in messages:
         message.decode(settings, budget)
     prompt, inputs = tokenize(processor, messages, settings)

@@ -331,14 +331,14 @@ def test_slow_video_decoding_stops_at_the_decode_deadline(tiny_model_dir, monkey
     media_decode_timeout after a few frames instead of decoding all 16 (~5 s)."""
     import main
 
-    kept, real = [], main.check_same_shape
+    kept, real = [], main.check_stackable
 
     def slow_frame(*args):
         kept.append(1)
         time.sleep(0.3)
         return real(*args)
 
-    monkeypatch.setattr(main, "check_same_shape", slow_frame)
+    monkeypatch.setattr(main, "check_stackable", slow_frame)
     with InProcessServer(tiny_model_dir, preload_model=True, media_decode_timeout_seconds=1.0) as srv:
         wait_ready(srv.base_url)
         started = time.monotonic()
@@ -521,3 +521,24 @@ def test_truncation_drops_the_fewest_turns_in_few_tokenizations(tiny_model_dir, 
     assert body["truncated_messages"] == 360, body  # what dropping a turn at a time gave
     assert 4096 - 120 <= body["usage"]["prompt_tokens"] < 4096
     assert len(calls) <= 12
+
+
+def test_large_media_reach_the_processor_already_scaled_down(tiny_model_dir, monkeypatch):
+    """Issue #15, the memory side of the budget: a 36-megapixel image (or 16 such frames)
+    went to the processor whole, as float tensors of ~430 MB each, only to be scaled to a
+    few hundred tokens. Verified: with MAX_IMAGE_TOKENS=16 and MAX_VIDEO_TOKENS=64 a
+    3000x3000 PNG and a 1920x1080 clip reach the processor with at most 4x the pixels
+    their budgets allow (1,024 pixels a token; 2 frames a token for video)."""
+    import main
+
+    seen, real = [], main.tokenize
+    monkeypatch.setattr(main, "tokenize", lambda processor, messages, *rest: seen.append(
+        [(m.images, m.videos) for m in messages]) or real(processor, messages, *rest))
+    with InProcessServer(tiny_model_dir, preload_model=True, max_image_tokens=16, max_video_tokens=64) as srv:
+        wait_ready(srv.base_url)
+        image = post(srv.base_url, image_body(data_uri(image_bytes((3000, 3000)), "image/png")))
+        video = post(srv.base_url, video_body(data_uri(video_bytes(1920, 1080, frames=16), "video/mp4")))
+    assert image.status_code == video.status_code == 200
+    [([picture], [])], [([], [frames])] = seen
+    assert picture.width * picture.height <= 4 * 16 * 1024
+    assert frames.shape[0] == 16 and frames.shape[0] * frames.shape[1] * frames.shape[2] <= 4 * 64 * 1024 * 2
