@@ -419,7 +419,7 @@ NO_PROTOCOLS = {"protocol_whitelist": "none"}  # FFmpeg may open no URL from ins
 # Qwen's smart_resize raises above 200:1 (a 500 before #15); its video path first scales a
 # side under 32 px up to 32 with truncation, which can stretch a ratio by 32/31.
 MAX_ASPECT_RATIO = 190
-SEEKS_BY_DTS = {"mpegts"}  # demuxers whose seeks search decode times; MP4, MKV and AVI seek by presentation time
+SEEKS_BY_DTS = {"mpegts"}  # demuxers whose seeks search decode times; MP4, MKV and AVI seek by pts
 FRAME_LIST_FPS = 1.0  # frame-list videos carry no timing; vLLM assumes 1 frame a second too
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 # Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
@@ -613,12 +613,13 @@ class DecodeBudget:
 
     def check(self, param: str) -> None:
         if self.cancel.is_set():
-            raise APIError(409, "The request was cancelled while its media was decoded.", param=param, code="cancelled")
+            raise APIError(409, "The request was cancelled while its media was decoded.", param=param,
+                           code="cancelled")
         if time.monotonic() > self.deadline:
             raise too_large(f"Decoding the media took longer than {self.seconds:g} s.", param, "media_decode_timeout")
 
 
-def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind: Literal["image", "video"]) -> None:
+def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind: Literal["image", "video"]):
     """Over the pixel cap is 413; a shape the vision tower cannot take is 400 (a 500 before #15)."""
     noun = "Images" if kind == "image" else "Video frames"
     if width * height > max_pixels:
@@ -645,7 +646,7 @@ def shrink_factor(width: int, height: int, target: int) -> float:
     return factor if factor >= 2 else 1.0
 
 
-def decode_image(data: bytes, param: str, max_pixels: int, target: int, kind: Literal["image", "video"] = "image"):
+def decode_image(data: bytes, param: str, *, max_pixels: int, target: int, kind: Literal["image", "video"] = "image"):
     """An RGB PIL image, scaled down by a whole factor towards `target` pixels; the pixel
     count is checked from the header, before decoding. As a frame of a frame-list video
     (kind "video"), its refusals carry the video codes."""
@@ -691,7 +692,7 @@ def decode_frame_list(chunks: list[str], settings: Settings, param: str, budget:
             data = base64.b64decode(chunks[i], validate=True)
         except (binascii.Error, ValueError):
             raise invalid(f"Frame {i} of the video holds invalid base64.", param, "invalid_data_uri") from None
-        frame = np.asarray(decode_image(data, param, settings.max_image_pixels, target, "video"))
+        frame = np.asarray(decode_image(data, param, max_pixels=settings.max_image_pixels, target=target, kind="video"))
         check_stackable(frames, frame, param)
         frames.append(frame)
     return sampled_video(frames, indices, len(chunks), FRAME_LIST_FPS, "jpeg_sequence", param)
@@ -755,18 +756,13 @@ def open_video(data: bytes, param: str):
 
 @dataclass
 class VideoIndex:
-    """What demuxing (no decoding) tells of a video stream: size, rate, and where its frames
-    and keyframes lie, in the stream's time base."""
+    """What demuxing (no decoding) tells of a video stream: its frames and rate, and where
+    its frames and keyframes lie, in the stream's time base."""
 
+    total: int
     fps: float
-    width: int
-    height: int
-    pts: np.ndarray  # presentation time of each frame, in presentation order; empty if the container has none
+    pts: np.ndarray  # [total]: presentation times, sorted; empty when some packet has none
     keyframes: np.ndarray  # [k, 2]: each keyframe's (pts, timestamp a seek to it names), sorted by pts
-
-    @property
-    def total(self) -> int:
-        return len(self.pts)
 
     def keyframe_before(self, target: int) -> tuple[int, int] | None:
         """(pts, seek timestamp) of the last keyframe at or before pts `target`."""
@@ -778,14 +774,9 @@ def index_video(data: bytes, settings: Settings, param: str, budget: DecodeBudge
     """Demux every packet (cheap next to decoding) to count frames and find keyframes,
     refusing oversize videos before any frame is decoded."""
     with open_video(data, param) as container:
-        if not container.streams.video:
-            raise invalid("The file holds no video stream.", param, "invalid_video")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError, a 500, before #15)
-            raise invalid("The video's codec is not supported.", param, "invalid_video")
+        stream = video_stream(container, settings, param)
         fps = float(stream.average_rate or 24)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        check_frame_shape(width, height, settings.max_image_pixels, param, "video")
+        by_dts = container.format.name in SEEKS_BY_DTS
         pts, keyframes = [], []
         for packet in container.demux(stream):
             if not packet.size:
@@ -796,17 +787,27 @@ def index_video(data: bytes, settings: Settings, param: str, budget: DecodeBudge
             if len(pts) > settings.max_video_decoded_frames:
                 break
             if packet.is_keyframe and packet.pts is not None:
-                by_dts = container.format.name in SEEKS_BY_DTS and packet.dts is not None
-                keyframes.append((packet.pts, packet.dts if by_dts else packet.pts))
-    total = len(pts)
-    if total / fps > settings.max_video_seconds or total > settings.max_video_decoded_frames:
+                keyframes.append((packet.pts, packet.dts if by_dts and packet.dts is not None else packet.pts))
+    if len(pts) / fps > settings.max_video_seconds or len(pts) > settings.max_video_decoded_frames:
         raise too_large(f"Videos may last at most {settings.max_video_seconds:g} s and "
                         f"{settings.max_video_decoded_frames} frames.", param, "video_too_large")
-    if total < 1:
+    if not pts:
         raise invalid("The video holds no frames.", param, "invalid_video")
     timed = None not in pts
-    return VideoIndex(fps, width, height, np.sort(np.array(pts if timed else [], dtype=np.int64)),
+    return VideoIndex(len(pts), fps, np.sort(np.array(pts if timed else [], dtype=np.int64)),
                       np.array(sorted(keyframes) if timed else [], dtype=np.int64).reshape(-1, 2))
+
+
+def video_stream(container, settings: Settings, param: str):
+    """The first video stream, if FFmpeg can decode it and its frames are within limits."""
+    if not container.streams.video:
+        raise invalid("The file holds no video stream.", param, "invalid_video")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError, a 500, before #15)
+        raise invalid("The video's codec is not supported.", param, "invalid_video")
+    check_frame_shape(stream.codec_context.width, stream.codec_context.height, settings.max_image_pixels, param,
+                      "video")
+    return stream
 
 
 def read_frames(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
@@ -830,10 +831,7 @@ def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings
     with open_video(data, param) as container:
         cursor = FrameCursor(container, container.streams.video[0], partial(budget.check, param))
         for i in wanted:
-            if index.pts.size:
-                frame = cursor.frame_at(int(index.pts[i]), index.keyframe_before(int(index.pts[i])) if seek else None)
-            else:  # no timestamps: count frames in decode order
-                frame = cursor.frame_number(i)
+            frame = cursor.frame(index, i, seek)
             if frame is None:
                 break
             check_frame_shape(frame.width, frame.height, settings.max_image_pixels, param, "video")
@@ -862,6 +860,13 @@ class FrameCursor:
         self.frames = container.decode(stream)
         self.last_pts: float = float("-inf")
         self.decoded = 0
+
+    def frame(self, index: VideoIndex, position: int, seek: bool) -> av.VideoFrame | None:
+        """The frame at `position` in presentation order, or None past the end."""
+        if not index.pts.size:  # no timestamps: count frames in decode order
+            return self.frame_number(position)
+        target = int(index.pts[position])
+        return self.frame_at(target, index.keyframe_before(target) if seek else None)
 
     def frame_at(self, target: int, keyframe: tuple[int, int] | None) -> av.VideoFrame | None:
         """The first frame at or after pts `target`; seeking first to `keyframe` if it is ahead."""
@@ -921,7 +926,8 @@ class PromptMessage:
         for kind, data, param in self.fetched:
             budget.check(param)
             if kind == "image":
-                self.images.append(decode_image(data, param, settings.max_image_pixels, budget.image_pixels))
+                self.images.append(decode_image(data, param, max_pixels=settings.max_image_pixels,
+                                                target=budget.image_pixels))
             else:
                 decode = decode_frame_list if kind == "frames" else decode_video
                 frames, meta = decode(data, settings, param, budget)
@@ -968,8 +974,9 @@ async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings
 # ----------------------------------------------------------------------------- prompt
 
 # A prompt averaging more characters a token than this is refused (or truncated) before it
-# is tokenized: English runs ~4 with Qwen's tokenizer, code ~3, and only long runs of
-# one repeated character reach 16. Tokenizing first took 30-77 s for a 19 MB body (#15).
+# is tokenized (tokenizing first took 30-77 s for a 19 MB body, #15). English prose runs
+# about 4 characters a token with BPE vocabularies of Qwen's size; 16 leaves room for text
+# far denser than that, such as long runs of spaces.
 MAX_CHARS_PER_TOKEN = 16
 
 
@@ -982,7 +989,8 @@ def preprocess_pool() -> ThreadPoolExecutor:
 
 async def prepare_prompt(req: ChatCompletionRequest, settings: Settings, processor, context: int,
                          cancel: threading.Event) -> tuple[str, Any, int]:
-    """Fetch media, then decode it and tokenize in one trip to a pool: (prompt, inputs, dropped).
+    """Check sizes, fetch media, then decode it and tokenize in one trip to a pool:
+    (prompt, inputs, dropped turns).
 
     Requests with media go to the media pool, text-only ones to the preprocessing pool.
     `cancel` (the session's flag) stops decoding between frames; it is also set here when
@@ -1035,26 +1043,30 @@ def tokenize(processor, messages: list[PromptMessage], settings: Settings):
                                            tokenize=False, add_generation_prompt=True)
     images = [image for m in messages for image in m.images]
     videos = [video for m in messages for video in m.videos]
+    image_size, video_size = vision_sizes(processor, settings)
     kwargs: dict[str, Any] = {}
     if images:
-        kwargs["images_kwargs"] = {"size": vision_size(processor.image_processor, settings.max_image_tokens, 1)}
+        kwargs["images_kwargs"] = {"size": image_size}
     if videos:  # frames were sampled in decode_video, with their original indices in the metadata
-        video = processor.video_processor
         kwargs.update(video_metadata=[v for m in messages for v in m.video_metadata], do_sample_frames=False,
-                      videos_kwargs={"size": vision_size(video, settings.max_video_tokens, video.temporal_patch_size)})
+                      videos_kwargs={"size": video_size})
     return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
                              **kwargs)
 
 
-def vision_size(processor, tokens: int, frames_per_token: int) -> dict:
-    """The processor's resize bounds, capped so its output is at most `tokens` vision tokens.
+def vision_sizes(processor, settings: Settings) -> tuple[dict, dict]:
+    """The image and video processors' resize bounds, capped at MAX_IMAGE_TOKENS and
+    MAX_VIDEO_TOKENS. Without a cap a legal 6000x6000 PNG became a 12-16k-token prompt
+    whose prefill paused every running stream for 44-101 s (#15)."""
+    video = processor.video_processor
+    return (capped_size(processor.image_processor, settings.max_image_tokens, 1),
+            capped_size(video, settings.max_video_tokens, video.temporal_patch_size))
 
-    A token is one merge_size x merge_size group of patch_size patches (32 x 32 pixels for
+
+def capped_size(processor, tokens: int, frames_per_token: int) -> dict:
+    """A token is one merge_size x merge_size group of patch_size patches (32 x 32 pixels for
     Qwen3-VL), over temporal_patch_size frames for videos; Qwen's smart_resize scales an
-    image (or a video's frames together) down to fit `longest_edge` pixels. Without a cap a
-    legal 6000x6000 PNG became a 12-16k-token prompt whose prefill paused every running
-    stream for 44-101 s (#15).
-    """
+    image, or a video's frames together, down to fit `longest_edge` pixels."""
     side = processor.patch_size * processor.merge_size
     longest = min(processor.size["longest_edge"], tokens * side * side * frames_per_token)
     return {"shortest_edge": min(processor.size["shortest_edge"], longest), "longest_edge": longest}
@@ -1064,10 +1076,9 @@ def build_inputs(messages: list[PromptMessage], settings: Settings, processor, c
                  cancel: threading.Event):
     """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
     drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
-    video = processor.video_processor  # the deadline runs from when a pool thread takes the work
-    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel,
-                          vision_size(processor.image_processor, settings.max_image_tokens, 1)["longest_edge"],
-                          vision_size(video, settings.max_video_tokens, video.temporal_patch_size)["longest_edge"])
+    image_size, video_size = vision_sizes(processor, settings)  # the deadline runs from when a pool thread starts
+    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel, image_pixels=image_size["longest_edge"],
+                          video_pixels=video_size["longest_edge"])
     for message in messages:
         message.decode(settings, budget)
     prompt, inputs = tokenize(processor, messages, settings)

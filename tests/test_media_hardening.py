@@ -358,10 +358,10 @@ def test_cancel_while_media_decodes_stops_before_the_next_media(media_server, mo
     entered, release, videos = threading.Event(), threading.Event(), []
     real_image, real_video = main.decode_image, main.decode_video
 
-    def held_image(*args):
+    def held_image(*args, **kwargs):
         entered.set()
         release.wait(10)
-        return real_image(*args)
+        return real_image(*args, **kwargs)
 
     monkeypatch.setattr(main, "decode_image", held_image)
     monkeypatch.setattr(main, "decode_video", lambda *args: videos.append(1) or real_video(*args))
@@ -390,10 +390,10 @@ def test_text_requests_do_not_queue_behind_media_decoding(media_server, monkeypa
     release, entered = threading.Event(), threading.Semaphore(0)
     real = main.decode_image
 
-    def held(*args):
+    def held(*args, **kwargs):
         entered.release()
         release.wait(30)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(main, "decode_image", held)
     body = image_body(data_uri(image_bytes(), "image/png"))
