@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import contextvars
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -52,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable, Literal
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
     allowed_local_media_path: str = Field("", description="Directory whose files may be named as media; empty refuses paths.")
     api_key: str = Field("", description="Bearer key, or a comma list of keys, required on /v1 routes; empty disables.")
     cors_allow_origins: str = Field("", description="Comma list of origins allowed by CORS; empty disables CORS.")
+    web_ui: bool = Field(True, description="Serve the chat page at / (files in static/); 0 for API-only deployments.")
     max_batch_size: int = Field(8, description="Generations decoded together (continuous batching); 1 = one at a time.")
     max_prefill_tokens_per_step: int = Field(
         2048, description="Prompt tokens prefilled between two decode steps (a longer prompt runs alone).")
@@ -2091,6 +2093,29 @@ async def wait_for_completion(state: AppState, session: Session) -> JSONResponse
     return JSONResponse(body, headers={"X-Session-Id": session.id})
 
 
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page's own files only: no inline script or style, nothing from other origins, so a
+# bug in the page's markdown renderer still could not run injected script (D38).
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+async def web_page() -> Response:
+    from fastapi.responses import FileResponse
+
+    return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers=PAGE_HEADERS)
+
+
+def register_web_ui(app: FastAPI) -> None:
+    """The chat page at / and its files under /static/ (WEB_UI=1): same origin as the API, so no CORS."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.add_api_route("/", web_page, methods=["GET", "HEAD"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
 # ----------------------------------------------------------------------------- app factory
 
 class RequestIdMiddleware:
@@ -2162,8 +2187,21 @@ def replay(messages: list[dict], receive):
     return replayed
 
 
+READ_TOKEN_PATH = re.compile(r"^/v1/chat/completions/(?P<sid>[^/]+)$")
+READ_TOKEN_IN_LOG = re.compile(r"(read_token=)[^&\s]+")
+
+
+def read_token(key: bytes, session_id: str) -> str:
+    """The read-only credential for one session: HMAC-SHA256 of its id under the API key (D37)."""
+    return hmac.new(key, b"qwen-read-token:v1:" + session_id.encode(), hashlib.sha256).hexdigest()
+
+
 class APIKeyMiddleware:
-    """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route when API_KEY is set."""
+    """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route when API_KEY is set.
+
+    A response naming a session (X-Session-Id) carries its read token (X-Read-Token);
+    `?read_token=` alone opens `GET /v1/chat/completions/{id}` (result and stream) for
+    that one session, for EventSource clients that cannot send headers (D37)."""
 
     def __init__(self, app, keys: list[str]):
         self.app, self.keys = app, [k.encode() for k in keys]
@@ -2174,11 +2212,35 @@ class APIKeyMiddleware:
         given = dict(scope["headers"]).get(b"authorization", b"")
         token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
         # compare against every key so timing does not tell which one nearly matched
-        if not sum(hmac.compare_digest(token, key) for key in self.keys):
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        if not any(matches):
+            matches = self.read_token_matches(scope)
+        if not any(matches):
             return await send_error(send, 401, error_body("Missing or invalid API key.", "invalid_request_error",
                                                           None, "invalid_api_key"),
                                     [(b"www-authenticate", b"Bearer")])
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, with_read_token(send, self.keys[matches.index(True)]))
+
+    def read_token_matches(self, scope) -> list[bool]:
+        """Which keys the `read_token` query was made with; only on the session's GET route."""
+        path = READ_TOKEN_PATH.match(scope["path"])
+        given = parse_qs(scope["query_string"].decode("latin-1")).get("read_token", [""])[0].encode()
+        if scope["method"] != "GET" or not path or not given:
+            return [False] * len(self.keys)
+        return [hmac.compare_digest(given, read_token(key, path["sid"]).encode()) for key in self.keys]
+
+
+def with_read_token(send, key: bytes):
+    """Adds X-Read-Token to a response that names its session in X-Session-Id."""
+    async def send_with_token(message):
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            sid = next((v for k, v in headers if k.lower() == b"x-session-id"), None)
+            if sid:
+                token = read_token(key, sid.decode("latin-1"))
+                message["headers"] = [*headers, (b"x-read-token", token.encode())]
+        await send(message)
+    return send_with_token
 
 
 def register_error_handlers(app: FastAPI) -> None:
@@ -2267,6 +2329,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     register_error_handlers(app)
     register_routes(app)
+    if settings.web_ui:
+        register_web_ui(app)
     add_middleware(app, settings)
     return app
 
@@ -2285,12 +2349,21 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
-                           expose_headers=["X-Session-Id", "X-Request-Id"])
+                           expose_headers=["X-Session-Id", "X-Request-Id", "X-Read-Token"])
 
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        return True
+
+
+class ReadTokenRedactor(logging.Filter):
+    """uvicorn's access log prints query strings; a read token there is replaced by *** (D37)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(READ_TOKEN_IN_LOG.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
@@ -2302,6 +2375,9 @@ def configure_logging(level: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, ReadTokenRedactor) for f in access.filters):
+        access.addFilter(ReadTokenRedactor())
 
 
 app = create_app()
