@@ -109,10 +109,13 @@ def last_answer(page):
     return page.locator(".msg.assistant").last
 
 
-def wait_status(page, *statuses: str) -> str:
-    selector = ", ".join(f".msg.assistant:last-child[data-status={s}]" for s in statuses)
+def expect_status(page, want: str, *others: str) -> None:
+    """Until the last answer ends as `want` or one of `others`; it must be `want` (a
+    failure shows what the page said)."""
+    selector = ", ".join(f".msg.assistant:last-child[data-status={s}]" for s in (want, *others))
     page.wait_for_selector(selector, state="attached")
-    return last_answer(page).get_attribute("data-status")
+    status = last_answer(page).get_attribute("data-status")
+    assert status == want, f"{status}: {last_answer(page).locator('.notice').text_content()}"
 
 
 def wait_answer_text(page) -> None:
@@ -129,13 +132,13 @@ def stored_answer(page) -> dict:
 
 
 def server_result(base_url: str, session_id: str, headers: dict | None = None) -> dict:
-    response = httpx.get(f"{base_url}/v1/chat/completions/{session_id}", headers=headers)
+    response = httpx.get(f"{base_url}/v1/chat/completions/{session_id}", headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
-    text = httpx.get(base_url + "/metrics").text
+    text = httpx.get(base_url + "/metrics", timeout=30).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     pattern = rf"^{name}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$"
     match = re.search(pattern, text, re.M)
@@ -275,7 +278,7 @@ def test_thinking_then_answer_stream_in_and_end_with_token_counts(open_page, bas
     wait_answer_text(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "chat-mid-answer.png")
-    assert wait_status(page, "completed", "cancelled", "failed") == "completed"
+    expect_status(page, "completed", "cancelled", "failed")
     assert thinking.get_attribute("open") is None  # folds away once the answer starts
     assert re.fullmatch(r"Thought for [\d.]+ s", thinking.locator(".thinking-label").inner_text())
     stats = last_answer(page).locator(".stats").inner_text()
@@ -297,12 +300,12 @@ def test_images_and_video_attach_by_picker_paste_and_drop(open_page, base_url, t
     page.wait_for_function("document.querySelectorAll('#attachments .chip').length === 3")
     assert page.locator("#attachments .chip[data-kind=video]").count() == 1
     send(page, "What is in these?")
-    assert wait_status(page, "completed", "failed", "refused") == "completed"
+    expect_status(page, "completed", "failed", "refused")
     user = page.locator(".msg.user").last
     assert user.locator("img.thumb").count() == 2 and user.locator("video.thumb").count() == 1
     assert page.locator("#attachments").is_hidden()
     text_only = httpx.post(base_url + "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "What is in these?"}], "max_tokens": 1}).json()
+        "messages": [{"role": "user", "content": "What is in these?"}], "max_tokens": 1}, timeout=30).json()
     # the vision tokens of two images and a video are in the prompt the page sent
     assert stored_answer(page)["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"] + 6
     assert_same_as_server(page, base_url)
@@ -315,7 +318,7 @@ def test_a_refused_attachment_shows_the_servers_error(open_page, base_url, tmp_p
     page.set_input_files("#file", str(broken))
     page.wait_for_selector("#attachments .chip")
     send(page, "And this one?")
-    assert wait_status(page, "refused", "completed") == "refused"
+    expect_status(page, "refused", "completed")
     notice = last_answer(page).locator(".notice").inner_text()
     assert notice.startswith("The server refused this message: The image could not be decoded")
     assert last_answer(page).locator(".retry").is_visible()
@@ -327,7 +330,7 @@ def test_stop_ends_the_answer_as_cancelled(open_page, base_url):
     send(page, STORY)
     wait_answer_text(page)
     page.click("#stop")
-    assert wait_status(page, "cancelled", "completed") == "cancelled"
+    expect_status(page, "cancelled", "completed")
     assert last_answer(page).locator(".notice").inner_text() == "Stopped."
     assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
     result = assert_same_as_server(page, base_url)
@@ -358,7 +361,7 @@ def test_reload_and_reopened_tab_resume_the_answer_without_generating_twice(open
     page.close()  # and the tab closes mid-answer...
     page = context.new_page()  # ...and is opened again
     goto_chat(page)
-    assert wait_status(page, "completed", "failed", "lost") == "completed"
+    expect_status(page, "completed", "failed", "lost")
     result = assert_same_as_server(page, base_url)
     assert result["usage"]["completion_tokens"] == 1200
     assert generations(base_url) == (posts + 1, tokens + 1200)  # one generation, whatever the readers did
@@ -378,7 +381,7 @@ def test_cut_network_reconnects_and_finishes_without_gap_or_duplicate(open_page,
         page.wait_for_selector(".msg.assistant:last-child .conn:has-text('reconnecting…')")
         seen = len(stored_answer(page)["content"])
         proxy.restore()
-        assert wait_status(page, "completed", "failed", "lost") == "completed"
+        expect_status(page, "completed", "failed", "lost")
         assert last_answer(page).locator(".conn").is_hidden()
         result = assert_same_as_server(page, base_url)
         assert len(result["choices"][0]["message"]["content"]) > seen
@@ -404,7 +407,7 @@ def test_with_an_api_key_the_page_asks_for_it_then_works(open_page, keyed_server
     panel.wait_for(state="hidden")
     set_extra(page, max_tokens=30, ignore_eos=True)
     send(page, "Say hello.")
-    assert wait_status(page, "completed", "failed", "refused") == "completed"
+    expect_status(page, "completed", "failed", "refused")
     assert_same_as_server(page, base, {"Authorization": f"Bearer {KEY}"})
     goto_chat(page)  # the key is kept: no prompt after a reload
     assert panel.is_hidden() and page.locator(".msg.assistant").count() == 1
@@ -416,7 +419,7 @@ def test_event_source_resumes_with_the_read_token_and_no_key_in_the_url(open_pag
     base = keyed_server.base_url
     with httpx.stream("POST", base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"messages": [{"role": "user", "content": STORY}], "max_tokens": 40, "ignore_eos": True,
-                            "stream": True}) as response:
+                            "stream": True}, timeout=30) as response:
         session, token = response.headers["x-session-id"], response.headers["x-read-token"]
         response.read()
     page = open_page(base)
