@@ -71,7 +71,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import anyio
 import av
@@ -81,7 +81,8 @@ import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -179,6 +180,7 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15.0, gt=0, description="Interval of SSE keep-alive comments.")
     sse_send_timeout_seconds: float = Field(
         30.0, gt=0, description="A client that accepts no bytes this long is dropped.")
+    web_ui: bool = Field(True, description="Serve the chat page at / (files in static/); 0 for API-only deployments.")
     request_head_timeout_seconds: float = Field(
         10.0, gt=0, description="A connection that has not sent a whole request head this long is closed.")
     request_body_timeout_seconds: float = Field(
@@ -3498,6 +3500,21 @@ async def list_input_items(request: Request, response_id: str) -> dict:
             "last_id": items[-1]["id"] if items else None, "has_more": False}
 
 
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page's own files only: no inline script or style, nothing from other origins, so a
+# bug in the page's markdown renderer still could not run injected script (D47).
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+page_router = APIRouter()  # included only with WEB_UI=1
+
+
+@page_router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def web_page() -> Response:
+    return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers=PAGE_HEADERS)
+
+
 # Domain errors to (status, type, code): the one place the engine's refusals meet HTTP.
 ERROR_TABLE: dict[type[DomainError], tuple[int, str, str]] = {
     QueueFull: (429, "rate_limit_exceeded", "queue_full"),
@@ -3636,6 +3653,15 @@ def replay(messages: list[dict], receive):
     return replayed
 
 
+READ_TOKEN_PATH = re.compile(r"^/v1/chat/completions/(?P<sid>[^/]+)$")
+READ_TOKEN_IN_LOG = re.compile(r"(read_token=)[^&\s]+")
+
+
+def read_token(key: bytes, session_id: str) -> str:
+    """The read-only credential for one session: HMAC-SHA256 of its id under the API key (D46)."""
+    return hmac.new(key, b"qwen-read-token:v1:" + session_id.encode(), hashlib.sha256).hexdigest()
+
+
 def key_owner(key: bytes) -> str:
     """A session owner's name: a digest of its API key, never the key (D36)."""
     return hashlib.sha256(key).hexdigest()[:24]
@@ -3643,7 +3669,11 @@ def key_owner(key: bytes) -> str:
 
 class APIKeyMiddleware:
     """Pure ASGI: `Authorization: Bearer <key>` on every /v1 route and the API docs when
-    API_KEY is set; the matching key's digest becomes the request's session owner."""
+    API_KEY is set; the matching key's digest becomes the request's session owner.
+
+    A response naming a session (X-Session-Id) carries its read token (X-Read-Token);
+    `?read_token=` alone opens `GET /v1/chat/completions/{id}` (result and stream) for
+    that one session, for EventSource clients that cannot send headers (D46)."""
 
     PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")  # the docs too (D41)
 
@@ -3659,11 +3689,35 @@ class APIKeyMiddleware:
         # compare against every key so timing does not tell which one nearly matched
         matches = [hmac.compare_digest(token, key) for key in self.keys]
         if not any(matches):
+            matches = self.read_token_matches(scope)
+        if not any(matches):
             return await send_error(send, 401, error_body("Missing or invalid API key.", "invalid_request_error",
                                                           None, "invalid_api_key"),
                                     [(b"www-authenticate", b"Bearer")])
-        scope.setdefault("state", {})["owner"] = self.owners[matches.index(True)]
-        await self.app(scope, receive, send)
+        which = matches.index(True)
+        scope.setdefault("state", {})["owner"] = self.owners[which]
+        await self.app(scope, receive, with_read_token(send, self.keys[which]))
+
+    def read_token_matches(self, scope) -> list[bool]:
+        """Which keys the `read_token` query was made with; only on the session's GET route."""
+        path = READ_TOKEN_PATH.match(scope["path"])
+        given = parse_qs(scope["query_string"].decode("latin-1")).get("read_token", [""])[0].encode()
+        if scope["method"] != "GET" or not path or not given:
+            return [False] * len(self.keys)
+        return [hmac.compare_digest(given, read_token(key, path["sid"]).encode()) for key in self.keys]
+
+
+def with_read_token(send, key: bytes):
+    """Adds X-Read-Token to a response that names its session in X-Session-Id."""
+    async def send_with_token(message):
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            sid = next((v for k, v in headers if k.lower() == b"x-session-id"), None)
+            if sid:
+                token = read_token(key, sid.decode("latin-1"))
+                message["headers"] = [*headers, (b"x-read-token", token.encode())]
+        await send(message)
+    return send_with_token
 
 
 
@@ -3774,6 +3828,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_class, handler in EXCEPTION_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     app.include_router(router)
+    if settings.web_ui:  # the chat page and its files, same origin as the API (no CORS)
+        app.include_router(page_router)
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     add_middleware(app, settings)
     return app
 
@@ -3790,7 +3847,16 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"],  # the OpenAI JS SDK sends X-Stainless-* headers
-                           expose_headers=["X-Session-Id", "X-Request-Id"])
+                           expose_headers=["X-Session-Id", "X-Request-Id", "X-Read-Token"])
+
+
+class ReadTokenRedactor(logging.Filter):
+    """uvicorn's access log prints query strings; a read token there is replaced by *** (D46)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(READ_TOKEN_IN_LOG.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 class RequestIdFilter(logging.Filter):
@@ -3807,6 +3873,9 @@ def configure_logging(level: str) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, ReadTokenRedactor) for f in access.filters):
+        access.addFilter(ReadTokenRedactor())
 
 
 class HeadDeadlineProtocol(H11Protocol):
