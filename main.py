@@ -2297,6 +2297,11 @@ def choice_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
     return {"content": [token_logprob_json(e) for e in entries], "refusal": None}
 
 
+# finish_reason stays inside OpenAI's enum (strictly typed clients reject other values);
+# what the enum cannot say travels in the choice's `end_reason` extension (V5).
+SPEC_FINISH_REASONS = {"cancelled": "stop", "timeout": "length"}
+
+
 class ChatChunkShaper:
     """A GenerationSink that writes `chat.completion.chunk` events and `[DONE]` to a log.
 
@@ -2316,6 +2321,7 @@ class ChatChunkShaper:
         self.completion_tokens = 0  # all choices together
         self.chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.sent: list[str] = []  # every event appended, whatever the ring keeps
 
     def start(self) -> None:
         """A role chunk per choice; the first also says how many old messages were dropped to
@@ -2331,19 +2337,20 @@ class ChatChunkShaper:
             self._chunk(delta.index, {delta.kind: delta.text}, logprobs=delta.logprobs)
 
     def finish(self, reason: str, completion_tokens: int, index: int = 0) -> None:
-        self._chunk(index, {}, finish_reason=reason)
+        spec = SPEC_FINISH_REASONS.get(reason, reason)
+        self._chunk(index, {}, finish_reason=spec, end_reason=reason if spec != reason else None)
         self.reasons[index] = reason
         self.completion_tokens += completion_tokens
         if len(self.reasons) < self.choices:
             return
         if self.include_usage:
-            self.log.append(dumps({**self._envelope(), "choices": [], "usage": self.usage(self.completion_tokens)}))
+            self._append(dumps({**self._envelope(), "choices": [], "usage": self.usage(self.completion_tokens)}))
         status = "cancelled" if "cancelled" in self.reasons.values() else "completed"
         self._close(Outcome(status, self.reasons[0], self.prompt_tokens, self.completion_tokens))
 
     def fail(self, message: str, completion_tokens: int) -> None:
         self.completion_tokens += completion_tokens
-        self.log.append(dumps(error_body(message, "server_error", code="generation_failed")))
+        self._append(dumps(error_body(message, "server_error", code="generation_failed")))
         self._close(Outcome("failed", None, self.prompt_tokens, self.completion_tokens))
 
     def usage(self, completion_tokens: int) -> dict:
@@ -2351,16 +2358,25 @@ class ChatChunkShaper:
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None,
-               logprobs: list[TokenLogprob] | None = None, extra: dict | None = None) -> None:
+               logprobs: list[TokenLogprob] | None = None, extra: dict | None = None,
+               end_reason: str | None = None) -> None:
         choice = {"index": index, "delta": delta, "logprobs": choice_logprobs(logprobs),
                   "finish_reason": finish_reason}
-        self.log.append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
+        if end_reason:
+            choice["end_reason"] = end_reason
+        self._append(dumps({**self._envelope(), "choices": [choice], **(extra or {})}))
 
     def _envelope(self) -> dict:
         return {"id": self.chunk_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
 
+    def _append(self, data: str) -> None:
+        """Into the log, and into `sent`: the final result must not depend on how many
+        events the log's ring keeps (a small SESSION_BUFFER_EVENTS answered 410)."""
+        self.log.append(data)
+        self.sent.append(data)
+
     def _close(self, outcome: Outcome) -> None:
-        self.log.append("[DONE]")
+        self._append("[DONE]")
         self.log.finish(outcome)
         self.on_close(outcome)
 
@@ -2373,6 +2389,7 @@ class ChoiceParts:
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[dict] | None = None  # None unless the request asked for logprobs
     finish_reason: str | None = None
+    end_reason: str | None = None
 
     def add(self, choice: dict) -> None:
         self.content.append(choice["delta"].get("content") or "")
@@ -2382,12 +2399,14 @@ class ChoiceParts:
                 self.logprobs = []
             self.logprobs.extend(choice["logprobs"]["content"])
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        self.end_reason = choice.get("end_reason") or self.end_reason
 
     def body(self, index: int) -> dict:
         message = {"role": "assistant", "content": "".join(self.content), "refusal": None,
                    "reasoning_content": "".join(self.reasoning) or None}
         logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason}
+        body = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason}
+        return {**body, "end_reason": self.end_reason} if self.end_reason else body
 
 
 def chat_completion_body(events: list[str], outcome: Outcome, session_id: str, created: int, model: str) -> dict:
@@ -3259,13 +3278,15 @@ async def resume(state: AppState, session_id: str | None, point: tuple[str, int]
 
 async def completion_body(state: AppState, session: Session) -> dict:
     try:
-        events = await session.log.read(-1)
-    except EventsGone:
-        raise EventsGone("This session's events are no longer kept.") from None
+        events = [e.data for e in await session.log.read(-1)]
+    except EventsGone:  # the ring moved on: the live shaper still holds the whole result
+        if session.job is None or not isinstance(session.job.sink, ChatChunkShaper):
+            raise EventsGone("This session's events are no longer kept.") from None
+        events = session.job.sink.sent
     outcome = session.log.outcome
     if not session.log.closed and session.job is not None:  # usage so far, not 0/0/0
         outcome = Outcome(outcome.status, None, session.job.prompt_tokens, session.job.counts.generated)
-    return chat_completion_body([e.data for e in events], outcome, session.id, session.created,
+    return chat_completion_body(events, outcome, session.id, session.created,
                                 state.settings.model_name)
 
 

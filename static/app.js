@@ -240,7 +240,7 @@ function applyEvent(message, { index, data }) {
       message.firstTokenAt ??= now;
       if (message.reasoning && !message.reasoningEndAt) message.reasoningEndAt = now;
     }
-    if (choice.finish_reason) message.finishReason = choice.finish_reason;
+    if (choice.finish_reason) message.finishReason = choice.end_reason || choice.finish_reason;
   }
   scheduleSave();
   scheduleRender(message);
@@ -257,7 +257,7 @@ async function readResult(message) {
     const reply = result.choices?.[0]?.message || {};
     Object.assign(message, {
       content: reply.content || "", reasoning: reply.reasoning_content || "", usage: result.usage,
-      finishReason: result.choices?.[0]?.finish_reason, error: result.error?.message || null,
+      finishReason: result.choices?.[0]?.end_reason || result.choices?.[0]?.finish_reason, error: result.error?.message || null,
       status: { in_progress: "streaming", interrupted: "lost" }[result.status] || result.status,
     });
   } catch (error) {

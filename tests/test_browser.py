@@ -334,7 +334,7 @@ def test_stop_ends_the_answer_as_cancelled(open_page, base_url):
     assert last_answer(page).locator(".notice").inner_text() == "Stopped."
     assert page.locator("#send").is_visible() and page.locator("#stop").is_hidden()
     result = assert_same_as_server(page, base_url)
-    assert result["status"] == "cancelled" and result["choices"][0]["finish_reason"] == "cancelled"
+    assert result["status"] == "cancelled" and result["choices"][0]["end_reason"] == "cancelled"
     assert result["usage"]["completion_tokens"] < 4000
 
 
