@@ -3366,6 +3366,9 @@ async def chat_completions(request: Request) -> Any:
     if point is not None:
         sid = body.get("session_id")
         return await resume(state, sid if isinstance(sid, str) else None, point, owner_of(request))
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > state.settings.max_messages:  # before pydantic's ~4 s per 550k
+        raise invalid(f"At most {state.settings.max_messages} messages per request.", "messages", "too_many_messages")
     req = validate_request(body)
     refuse_unsupported(req)
     session = await start_session(state, req, owner_of(request))
