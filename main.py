@@ -170,8 +170,18 @@ class Settings(BaseSettings):
         256, ge=1, description="Sessions kept in memory; the oldest finished ones are dropped first.")
     sessions_ttl_seconds: float = Field(
         3600.0, gt=0, description="Finished sessions are deleted this long after they end.")
-    persist_sessions: bool = Field(False, description="Write sessions to SQLite so streams replay after a restart.")
-    sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when PERSIST_SESSIONS=1.")
+    session_store: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="Where session logs live: memory, sqlite (one process) or redis (shared by replicas).")
+    persist_sessions: bool = Field(
+        False, description="Old name of SESSION_STORE=sqlite (used when SESSION_STORE is not set).")
+    sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when SESSION_STORE=sqlite.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used when SESSION_STORE=redis.")
+    replica_id: str = Field(
+        "", description="This replica's name in Redis; empty means host-pid-random, fresh at every start.")
+    redis_lease_seconds: float = Field(
+        5.0, gt=0, description="A replica silent this long is gone: its running sessions end as interrupted.")
+    redis_local_fallback: bool = Field(
+        True, description="While Redis is down (1 s+), the owner's own readers keep streaming unconfirmed events.")
     cancel_after_disconnect_seconds: float = Field(
         3600.0, ge=0, description="Cancel a generation nobody has listened to for this long; 0 disables.")
     stream_interval_ms: float = Field(
@@ -210,6 +220,13 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_repo_id
+
+    @property
+    def store(self) -> str:
+        """The session store in use: PERSIST_SESSIONS=1 still means sqlite when SESSION_STORE is not set."""
+        if self.persist_sessions and "session_store" not in self.model_fields_set:
+            return "sqlite"
+        return self.session_store
 
     @property
     def buffer_events(self) -> int:
@@ -3276,7 +3293,7 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     loop = asyncio.get_running_loop()
     models = ModelManager(settings)
-    writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.persist_sessions else None
+    writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.store == "sqlite" else None
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
