@@ -3440,8 +3440,9 @@ class Session:
         return isinstance(self.log, RemoteSessionLog)
 
     def arm_auto_cancel(self, cancel_after: float) -> None:
-        """Background responses run to the end unless cancelled: no timer for them."""
-        if self.meta.get("background"):
+        """Background responses run to the end unless cancelled: no timer for them, nor for
+        another replica's session (its owner keeps the timer, D69)."""
+        if self.meta.get("background") or self.remote:
             return
         if cancel_after > 0 and not self.done.is_set() and self._timer is None:
             self._rearm(cancel_after, cancel_after)

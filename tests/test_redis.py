@@ -19,12 +19,13 @@ from helpers import (RedisServer, ServerProcess, assert_error, event_index, get_
                      stream_events, wait_generating, wait_status, wait_until)
 
 LEASE = "1.5"  # seconds: a killed replica's sessions close soon after
+CANCEL_AFTER = 2.0  # seconds without a listener on any replica before auto-cancel
 
 
 def replica(tiny_model_dir, tmp_path_factory, redis_url: str, name: str) -> ServerProcess:
     log = tmp_path_factory.mktemp(f"replica-{name}") / "server.log"
     return ServerProcess(tiny_model_dir, log, SESSION_STORE="redis", REDIS_URL=redis_url, REDIS_LEASE_SECONDS=LEASE,
-                         REPLICA_ID=f"test-{name}-{time.monotonic_ns()}")
+                         CANCEL_AFTER_DISCONNECT_SECONDS=str(CANCEL_AFTER), REPLICA_ID=f"test-{name}-{time.monotonic_ns()}")
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +109,46 @@ def test_previous_response_id_made_on_another_replica(replicas):
 
 
 def test_cancel_through_another_replica_stops_generation_on_the_owner(replicas):
-    """POST /v1/cancel on B: A's generation stops (cancelled, far fewer tokens than asked)."""
+    """POST /v1/cancel on B while a client streams from A: A's generation stops (cancelled,
+    far fewer tokens than asked) and A's stream ends with [DONE]."""
     a, b = replicas
     sid = "redis-cancel"
-    stream_events(a.base_url, long_request(session_id=sid, max_tokens=3000), limit=3)
+    seen: list[dict] = []
+    reader = threading.Thread(target=lambda: seen.extend(
+        stream_events(a.base_url, long_request(session_id=sid, max_tokens=3000))[2]))
+    reader.start()
     wait_generating(a.base_url, sid)
     response = httpx.post(f"{b.base_url}/v1/cancel/{sid}", timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
-    body = wait_status(a.base_url, sid, {"cancelled"}, timeout=10)
-    assert body["usage"]["completion_tokens"] < 3000
+    reader.join(30)
+    assert seen[-1]["data"] == "[DONE]" and indexes(seen) == list(range(len(seen)))
+    body = get_completion(a.base_url, sid)
+    assert body["status"] == "cancelled" and body["usage"]["completion_tokens"] < 3000
     assert get_completion(b.base_url, sid)["status"] == "cancelled"
+
+
+def read_for(base_url: str, session_id: str, seconds: float) -> list[dict]:
+    """Resume from the start and read for `seconds`, then drop the connection."""
+    lines, deadline = [], time.monotonic() + seconds
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", base_url + "/v1/chat/completions", json={},
+                           headers={"Last-Event-ID": f"{session_id}:-1"}) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if time.monotonic() > deadline:
+                    break
+    return lines
+
+
+def test_a_reader_on_another_replica_keeps_the_owner_from_auto_cancelling(replicas):
+    """Nobody reads on A, one client reads on B for longer than CANCEL_AFTER: A counts B's
+    reader through Redis and keeps generating; once B's reader leaves too, A auto-cancels."""
+    a, b = replicas
+    sid = "redis-listeners"
+    stream_events(a.base_url, long_request(session_id=sid, max_tokens=3000), limit=2)
+    read_for(b.base_url, sid, CANCEL_AFTER * 2)
+    assert get_completion(a.base_url, sid)["status"] == "in_progress"
+    wait_status(a.base_url, sid, {"cancelled"}, timeout=CANCEL_AFTER * 4)
 
 
 def test_delete_through_another_replica(replicas):
