@@ -204,6 +204,16 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A connection that has not sent a whole request head this long is closed.")
     request_body_timeout_seconds: float = Field(
         60.0, gt=0, description="A request body that has not all arrived this long gets 408.")
+    media_fetch_deadline_seconds: float = Field(
+        30.0, gt=0, description="Longest one media URL fetch may take in all: DNS, redirects and a slow body.")
+    media_decode_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest a request's media may take to decode; then 413 media_decode_timeout.")
+    max_image_tokens: int = Field(
+        1024, ge=1, description="Vision tokens one image may become; larger images are scaled down to fit.")
+    max_video_tokens: int = Field(
+        4096, ge=1, description="Vision tokens one video may become, all its frames together; frames are scaled down.")
+    max_messages: int = Field(
+        1024, ge=1, description="Most messages in one request, each content part of a message counted as one.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -577,6 +587,17 @@ def input_items(req: ResponsesRequest) -> list[dict]:
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 DATA_URI_HEADER = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[^;,]*)*;base64$")
 MAX_REDIRECTS = 3
+MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}  # what an MP4/MOV file starts with
+NO_PROTOCOLS = {"protocol_whitelist": "none"}  # FFmpeg may open no URL from inside a file
+# Qwen's smart_resize raises above 200:1 (a 500 before #15); its video path first scales a
+# side under 32 px up to 32 with truncation, which can stretch a ratio by 32/31.
+MAX_ASPECT_RATIO = 190
+SEEKS_BY_DTS = {"mpegts"}  # demuxers whose seeks search decode times; MP4, MKV and AVI seek by pts
+FRAME_LIST_FPS = 1.0  # frame-list videos carry no timing; vLLM assumes 1 frame a second too
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# Ranges Python's ipaddress calls global that still reach private hosts: IPv6 site-local,
+# the 6to4 relay anycast, and local-use NAT64 (RFC 8215), whose IPv4 side is anyone's.
+NOT_PUBLIC_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("fec0::/10", "192.88.99.0/24", "64:ff9b:1::/48"))
 
 
 def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
@@ -584,12 +605,10 @@ def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
     parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
     images = sum(isinstance(p, ImagePart) for p in parts)
     videos = sum(isinstance(p, VideoPart) for p in parts)
-    if images > settings.max_images_per_request:
-        raise too_large(f"At most {settings.max_images_per_request} images per request.", "messages",
-                        "too_many_images")
+    if images > settings.max_images_per_request:  # 400, not 413: a count of parts, as clients expect (#15)
+        raise invalid(f"At most {settings.max_images_per_request} images per request.", "messages", "too_many_images")
     if videos > settings.max_videos_per_request:
-        raise too_large(f"At most {settings.max_videos_per_request} videos per request.", "messages",
-                        "too_many_videos")
+        raise invalid(f"At most {settings.max_videos_per_request} videos per request.", "messages", "too_many_videos")
 
 
 async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> bytes:
@@ -629,6 +648,17 @@ def read_local_media(url: str, root: str, param: str, limit: int) -> bytes:
 
 
 async def fetch_http(url: str, settings: Settings, param: str, limit: int) -> bytes:
+    """fetch_hops under one deadline: per-read timeouts alone let a server that drips a byte
+    a second hold a fetch for as long as it likes (24.6 s past a 2 s timeout in #15)."""
+    try:
+        async with asyncio.timeout(settings.media_fetch_deadline_seconds):
+            return await fetch_hops(url, settings, param, limit)
+    except TimeoutError:
+        raise invalid(f"Fetching media took longer than {settings.media_fetch_deadline_seconds:g} s.", param,
+                      "media_fetch_timeout") from None
+
+
+async def fetch_hops(url: str, settings: Settings, param: str, limit: int) -> bytes:
     """GET with timeouts and a streamed byte cap, re-checking the address of every redirect hop.
 
     Each hop connects to the very address that was checked (the Host header and TLS SNI
@@ -638,31 +668,48 @@ async def fetch_http(url: str, settings: Settings, param: str, limit: int) -> by
     timeout = httpx.Timeout(settings.media_fetch_timeout_seconds)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            pinned, host = await pin_address(url, settings, param)
+            pinned, host, host_header = await pin_address(url, settings, param)
             try:
-                async with client.stream("GET", pinned, headers={"Host": host},
-                                         extensions={"sni_hostname": host.split(":")[0].strip("[]")}) as response:
+                async with client.stream("GET", pinned, headers={"Host": host_header},
+                                         extensions={"sni_hostname": host}) as response:
                     if response.is_redirect and "location" in response.headers:
-                        url = urljoin(url, response.headers["location"])
+                        url = redirect_target(url, response.headers["location"], param)
                         continue
                     if response.status_code != 200:
                         raise invalid(f"Fetching media failed with HTTP {response.status_code}.", param,
                                       "media_fetch_failed")
                     return await read_capped(response, limit, param)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise invalid(f"Fetching media failed: {type(exc).__name__}.", param, "media_fetch_failed") from None
     raise invalid("Too many redirects while fetching media.", param, "media_fetch_failed")
 
 
-async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, str]:
-    """(URL rewritten to a checked IP address, original Host header) or a 400."""
-    parts = urlsplit(url)
-    host = parts.hostname
+def redirect_target(url: str, location: str, param: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:
+        raise invalid("Fetching media failed: a malformed redirect.", param, "media_fetch_failed") from None
+
+
+def split_media_url(url: str, param: str) -> tuple[Any, str, int]:
+    """(parts, ASCII host, port) of an http(s) URL. The host is IDNA-encoded here, so the
+    allow-list, DNS and the Host header all see the one name that gets resolved."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a bad port, an unbalanced '[', a netloc NFKC changes, a bad IDN label: 500s before #15
+        raise invalid("The media URL is malformed.", param, "invalid_media_url") from None
     if parts.scheme not in ("http", "https") or not host:
         raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
+    return parts, host, port
+
+
+async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, str, str]:
+    """(URL rewritten to a checked IP address, host name, Host header) or a 400."""
+    parts, host, port = split_media_url(url, param)
     if not domain_allowed(host, settings.allowed_media_domains):
         raise invalid(f"Media host '{host}' is not in the allowed domains.", param, "media_url_forbidden")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
                                        settings.media_fetch_timeout_seconds)
@@ -674,7 +721,9 @@ async def pin_address(url: str, settings: Settings, param: str) -> tuple[str, st
                       "media_url_forbidden")
     ip = addresses[0]
     netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), parts.netloc.rsplit("@", 1)[-1]
+    named = f"[{host}]" if ":" in host else host
+    return (urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host,
+            f"{named}:{parts.port}" if parts.port else named)
 
 
 def domain_allowed(host: str, domains: list[str]) -> bool:
@@ -683,9 +732,27 @@ def domain_allowed(host: str, domains: list[str]) -> bool:
 
 
 def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, settings: Settings) -> bool:
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    if settings.allow_private_media or any(ip in net for net in settings.private_media_networks):
+    """Public, or exempted; an IPv6 address that carries an IPv4 one must pass for both (#15)."""
+    if settings.allow_private_media:
         return True
+    return all(any(a in net for net in settings.private_media_networks) or address_public(a)
+               for a in addresses_reached(ip))
+
+
+def addresses_reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The address itself and every IPv4 address it embeds. A translated address
+    (IPv4-mapped, NAT64 64:ff9b::/96) stands for its IPv4 host alone; a tunnel address
+    (6to4 2002::/16, Teredo) reaches its relay and its IPv4 host, so both are checked."""
+    if ip.version == 4:
+        return [ip]
+    if ip.ipv4_mapped or ip in NAT64_PREFIX:
+        return [ip.ipv4_mapped or ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return [ip, *([ip.sixtofour] if ip.sixtofour else []), *(ip.teredo or ())]
+
+
+def address_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if any(ip in net for net in NOT_PUBLIC_NETWORKS):
+        return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback)
 
 
@@ -702,66 +769,318 @@ async def read_capped(response: httpx.Response, limit: int, param: str) -> bytes
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, param: str, max_pixels: int):
-    """An RGB PIL image; the pixel count is checked from the header, before decoding."""
+@dataclass
+class DecodeBudget:
+    """How long a request's media may take to decode, and its cancel flag. Checked between
+    media, packets and frames, the points where decoding can stop: one long video held a
+    worker for minutes before #15, whether or not anyone still waited for the answer."""
+
+    seconds: float
+    cancel: threading.Event
+    image_pixels: int = 0  # what the processor will scale an image down to (0: no scaling here)
+    video_pixels: int = 0  # ... and a video, all its sampled frames together
+    deadline: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def check(self, param: str) -> None:
+        if self.cancel.is_set():
+            raise APIError(409, "The request was cancelled while its media was decoded.", param=param,
+                           code="cancelled")
+        if time.monotonic() > self.deadline:
+            raise too_large(f"Decoding the media took longer than {self.seconds:g} s.", param, "media_decode_timeout")
+
+
+def check_frame_shape(width: int, height: int, max_pixels: int, param: str, kind: Literal["image", "video"]):
+    """Over the pixel cap is 413; a shape the vision tower cannot take is 400 (a 500 before #15)."""
+    noun = "Images" if kind == "image" else "Video frames"
+    if width * height > max_pixels:
+        raise too_large(f"{noun} may have at most {max_pixels} pixels.", param, f"{kind}_too_large")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise invalid(f"{noun} may be at most {MAX_ASPECT_RATIO} times as long as they are wide.", param,
+                      f"invalid_{kind}")
+
+
+def check_stackable(frames: list[np.ndarray], frame: np.ndarray, param: str) -> None:
+    """Sampled frames are stacked into one array: a stream whose resolution changes is
+    refused (np.stack raised, a 500, before #15)."""
+    if frames and frames[0].shape != frame.shape:
+        raise invalid("The video changes resolution mid-stream.", param, "invalid_video")
+
+
+def shrink_factor(width: int, height: int, target: int) -> float:
+    """How many times smaller each side may get while keeping twice `target` pixels; the
+    processor's resize makes the exact fit from there. Scaling here first keeps a 6000x6000
+    image from reaching the processor as a 430 MB float tensor. Below 2, not worth it. The
+    short side stays at least 32 px (one vision token's side), so rounding it moves the
+    aspect ratio checked before by at most 32/31."""
+    factor = min((width * height / (2 * target)) ** 0.5, min(width, height) / 32) if target else 1.0
+    return factor if factor >= 2 else 1.0
+
+
+def decode_image(data: bytes, param: str, *, max_pixels: int, target: int, kind: Literal["image", "video"] = "image"):
+    """An RGB PIL image, scaled down by a whole factor towards `target` pixels; the pixel
+    count is checked from the header, before decoding. As a frame of a frame-list video
+    (kind "video"), its refusals carry the video codes."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_IMAGE_FORMATS:
-            raise invalid(f"Image format {image.format} is not supported.", param, "invalid_image")
-        if image.width * image.height > max_pixels:
-            raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large")
-        return image.convert("RGB")
+            raise invalid(f"Image format {image.format} is not supported.", param, f"invalid_{kind}")
+        check_frame_shape(image.width, image.height, max_pixels, param, kind)
+        factor = shrink_factor(image.width, image.height, target)
+        if factor > 1:  # JPEG decodes straight to 1/2..1/8 scale; other formats ignore the draft
+            image.draft("RGB", (int(image.width / factor), int(image.height / factor)))
+        image = image.convert("RGB")
+        factor = int(shrink_factor(image.width, image.height, target))
+        return image.reduce(factor) if factor > 1 else image
     except Image.DecompressionBombError:
-        raise too_large(f"Images may have at most {max_pixels} pixels.", param, "image_too_large") from None
+        raise too_large(f"Images may have at most {max_pixels} pixels.", param, f"{kind}_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, "invalid_image") from None
+        raise invalid(f"The image could not be decoded ({type(exc).__name__}).", param, f"invalid_{kind}") from None
 
 
-def decode_video(data: bytes, settings: Settings, param: str):
-    """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
-    try:
-        total, fps, width, height = probe_video(data, settings, param)
-        wanted = np.linspace(0, total - 1, min(settings.max_video_frames, total)).round().astype(int)
-        frames, indices = read_frames(data, set(wanted.tolist()))
-    except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
-        raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
+def split_frame_list(url: str, settings: Settings, param: str) -> list[str]:
+    """The base64 frames of vLLM's frame-list video, `data:video/jpeg;base64,<jpeg>,<jpeg>,...`
+    (refused as bad base64 before #15); only the sampled ones are ever decoded."""
+    header, _, payload = url.partition(",")
+    if not DATA_URI_HEADER.match(header):
+        raise invalid("Data URIs must be base64 encoded: data:<mime>;base64,<data>.", param, "invalid_data_uri")
+    if len(payload) // 4 * 3 > settings.max_video_bytes:
+        raise too_large(f"Media is larger than {settings.max_video_bytes} bytes.", param, "media_too_large")
+    if payload.count(",") >= settings.max_video_decoded_frames:
+        raise too_large(f"Videos may hold at most {settings.max_video_decoded_frames} frames.", param,
+                        "video_too_large")
+    return payload.split(",")
+
+
+def decode_frame_list(chunks: list[str], settings: Settings, param: str, budget: DecodeBudget):
+    """A frame-list video sampled like any other: (frames, metadata). The list carries no
+    timing; FRAME_LIST_FPS stands in for it, and MAX_VIDEO_SECONDS does not apply."""
+    frames, indices = [], sample_positions(len(chunks), settings)
+    target = budget.video_pixels // max(2, len(indices))
+    for i in indices:
+        budget.check(param)
+        try:
+            data = base64.b64decode(chunks[i], validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"Frame {i} of the video holds invalid base64.", param, "invalid_data_uri") from None
+        frame = np.asarray(decode_image(data, param, max_pixels=settings.max_image_pixels, target=target, kind="video"))
+        check_stackable(frames, frame, param)
+        frames.append(frame)
+    return sampled_video(frames, indices, len(chunks), FRAME_LIST_FPS, "jpeg_sequence", param)
+
+
+def sample_positions(total: int, settings: Settings) -> list[int]:
+    """At most MAX_VIDEO_FRAMES positions spread evenly over `total` frames, first and last included."""
+    return np.unique(np.linspace(0, total - 1, min(settings.max_video_frames, total)).round()).astype(int).tolist()
+
+
+def sampled_video(frames: list, indices: list[int], total: int, fps: float, backend: str, param: str):
+    """(frames stacked [t, h, w, 3], metadata naming where each came from)."""
     if not frames:
         raise invalid("The video holds no decodable frames.", param, "invalid_video")
     if len(frames) == 1:  # the vision tower groups frames in pairs
         frames, indices = frames * 2, indices * 2
+    height, width = frames[0].shape[:2]
     meta = VideoMetadata(total_num_frames=total, fps=fps, width=width, height=height, duration=total / fps,
-                         video_backend="pyav", frames_indices=np.array(indices))
+                         video_backend=backend, frames_indices=np.array(indices))
     return np.stack(frames), meta
 
 
-def probe_video(data: bytes, settings: Settings, param: str) -> tuple[int, float, int, int]:
-    """(frames, fps, width, height) from the container, refusing oversize videos before decoding."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
+def decode_video(data: bytes, settings: Settings, param: str, budget: DecodeBudget):
+    """Uniformly sample at most MAX_VIDEO_FRAMES RGB frames with PyAV; returns (frames, metadata)."""
+    try:
+        index = index_video(data, settings, param, budget)
+        frames, indices = read_frames(data, index, sample_positions(index.total, settings), settings, param, budget)
+    except (av.FFmpegError, IndexError, ValueError, OSError, ZeroDivisionError) as exc:
+        raise invalid(f"The video could not be decoded ({type(exc).__name__}).", param, "invalid_video") from None
+    return sampled_video(frames, indices, index.total, index.fps, "pyav", param)
+
+
+def video_demuxer(data: bytes) -> str | None:
+    """The FFmpeg demuxer for a container we accept, from its magic bytes; None for anything else."""
+    if data[4:8] in MP4_BOXES:
+        return "mov"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"  # also WebM
+    if data.startswith(b"RIFF") and data[8:12] == b"AVI ":
+        return "avi"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if len(data) > 376 and data[0] == data[188] == data[376] == 0x47:
+        return "mpegts"
+    return None
+
+
+def open_video(data: bytes, param: str):
+    """A container over the bytes in memory, with its demuxer named, never probed.
+
+    Probing lets FFmpeg pick any of its demuxers, and some open URLs named inside the
+    file: a few hundred bytes of SDP made it bind UDP ports and wait 19 s (#15); HLS and
+    concat lists can name http:// or file:// inputs. A protocol whitelist that names no
+    protocol is the second lock: no demuxer may open anything beyond the given bytes.
+    """
+    demuxer = video_demuxer(data)
+    if demuxer is None:
+        raise invalid("Videos must be MP4/MOV, WebM/MKV, AVI, GIF or MPEG-TS.", param, "invalid_video")
+    return av.open(io.BytesIO(data), format=demuxer, container_options=NO_PROTOCOLS, metadata_errors="ignore")
+
+
+@dataclass
+class VideoIndex:
+    """What demuxing (no decoding) tells of a video stream: its frames and rate, and where
+    its frames and keyframes lie, in the stream's time base."""
+
+    total: int
+    fps: float
+    pts: np.ndarray  # [total]: presentation times, sorted; empty when some packet has none
+    keyframes: np.ndarray  # [k, 2]: each keyframe's (pts, timestamp a seek to it names), sorted by pts
+
+    def keyframe_before(self, target: int) -> tuple[int, int] | None:
+        """(pts, seek timestamp) of the last keyframe at or before pts `target`."""
+        at = int(np.searchsorted(self.keyframes[:, 0], target, side="right")) - 1
+        return (int(self.keyframes[at, 0]), int(self.keyframes[at, 1])) if at >= 0 else None
+
+
+def index_video(data: bytes, settings: Settings, param: str, budget: DecodeBudget) -> VideoIndex:
+    """Demux every packet (cheap next to decoding) to count frames and find keyframes,
+    refusing oversize videos before any frame is decoded."""
+    with open_video(data, param) as container:
+        stream = video_stream(container, settings, param)
         fps = float(stream.average_rate or 24)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > settings.max_image_pixels:
-            raise too_large(f"Video frames may have at most {settings.max_image_pixels} pixels.", param,
-                            "video_too_large")
-        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-    if total / fps > settings.max_video_seconds or total > settings.max_video_decoded_frames:
+        by_dts = container.format.name in SEEKS_BY_DTS
+        pts, keyframes = [], []
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            if len(pts) % 256 == 0:
+                budget.check(param)
+            pts.append(packet.pts)
+            if len(pts) > settings.max_video_decoded_frames:
+                break
+            if packet.is_keyframe and packet.pts is not None:
+                keyframes.append((packet.pts, packet.dts if by_dts and packet.dts is not None else packet.pts))
+    if len(pts) / fps > settings.max_video_seconds or len(pts) > settings.max_video_decoded_frames:
         raise too_large(f"Videos may last at most {settings.max_video_seconds:g} s and "
                         f"{settings.max_video_decoded_frames} frames.", param, "video_too_large")
-    if total < 1:
+    if not pts:
         raise invalid("The video holds no frames.", param, "invalid_video")
-    return total, fps, width, height
+    timed = None not in pts
+    return VideoIndex(len(pts), fps, np.sort(np.array(pts if timed else [], dtype=np.int64)),
+                      np.array(sorted(keyframes) if timed else [], dtype=np.int64).reshape(-1, 2))
 
 
-def read_frames(data: bytes, wanted: set[int]) -> tuple[list, list[int]]:
-    frames, indices, last = [], [], max(wanted)
-    with av.open(io.BytesIO(data)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
-                indices.append(i)
-            if i >= last:
+def video_stream(container, settings: Settings, param: str):
+    """The first video stream, if FFmpeg can decode it and its frames are within limits."""
+    if not container.streams.video:
+        raise invalid("The file holds no video stream.", param, "invalid_video")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec FFmpeg does not know (AttributeError, a 500, before #15)
+        raise invalid("The video's codec is not supported.", param, "invalid_video")
+    check_frame_shape(stream.codec_context.width, stream.codec_context.height, settings.max_image_pixels, param,
+                      "video")
+    return stream
+
+
+def read_frames(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
+                budget: DecodeBudget) -> tuple[list, list[int]]:
+    """The wanted frames (by position in presentation order) as RGB arrays, decoding only
+    from the keyframe before each: decoding every frame cost ~7.3 ms a 1080p frame, so a
+    36,000-frame video held a worker ~4 minutes to keep 16 (#15)."""
+    try:
+        return read_frames_from(data, index, wanted, settings, param, budget, seek=True)
+    except SeekMissed:  # a seek landed past the frame (a demuxer that seeks by estimate): read through
+        return read_frames_from(data, index, wanted, settings, param, budget, seek=False)
+
+
+class SeekMissed(Exception):
+    """A seek landed after the frame it was meant to reach."""
+
+
+def read_frames_from(data: bytes, index: VideoIndex, wanted: list[int], settings: Settings, param: str,
+                     budget: DecodeBudget, seek: bool) -> tuple[list, list[int]]:
+    frames, indices, target = [], [], budget.video_pixels // max(2, len(wanted))
+    with open_video(data, param) as container:
+        cursor = FrameCursor(container, container.streams.video[0], partial(budget.check, param))
+        for i in wanted:
+            frame = cursor.frame(index, i, seek)
+            if frame is None:
                 break
+            check_frame_shape(frame.width, frame.height, settings.max_image_pixels, param, "video")
+            frames.append(rgb_frame(frame, target))
+            check_stackable(frames[:-1], frames[-1], param)
+            indices.append(i)
+        logger.debug("video: kept %d of %d frames, decoded %d", len(frames), index.total, cursor.decoded)
     return frames, indices
+
+
+def rgb_frame(frame: av.VideoFrame, target: int) -> np.ndarray:
+    """The frame as [h, w, 3] RGB, scaled by FFmpeg towards `target` pixels (see shrink_factor)."""
+    factor = shrink_factor(frame.width, frame.height, target)
+    if factor == 1:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=max(1, round(frame.width / factor)),
+                            height=max(1, round(frame.height / factor)), interpolation="AREA")
+
+
+class FrameCursor:
+    """Decodes one stream forward, and seeks ahead when a keyframe lies between the last
+    decoded frame and the next wanted one (then only that GOP's frames are decoded)."""
+
+    def __init__(self, container, stream, check: Callable[[], None]):
+        self.container, self.stream, self.check = container, stream, check
+        self.frames = container.decode(stream)
+        self.last_pts: float = float("-inf")
+        self.decoded = 0
+
+    def frame(self, index: VideoIndex, position: int, seek: bool) -> av.VideoFrame | None:
+        """The frame at `position` in presentation order, or None past the end."""
+        if not index.pts.size:  # no timestamps: count frames in decode order
+            return self.frame_number(position)
+        target = int(index.pts[position])
+        return self.frame_at(target, index.keyframe_before(target) if seek else None)
+
+    def frame_at(self, target: int, keyframe: tuple[int, int] | None) -> av.VideoFrame | None:
+        """The first frame at or after pts `target`; seeking first to `keyframe` if it is ahead."""
+        seeked = keyframe is not None and keyframe[0] > self.last_pts
+        if seeked:
+            self.container.seek(keyframe[1], stream=self.stream, backward=True)
+            self.frames = self.container.decode(self.stream)
+        for frame in self.frames:
+            self.check()
+            self.decoded += 1
+            if seeked and frame.pts is not None and frame.pts > target:
+                raise SeekMissed()
+            seeked = False
+            self.last_pts = frame.pts if frame.pts is not None else self.last_pts
+            if frame.pts is None or frame.pts >= target:
+                return frame
+        return None
+
+    def frame_number(self, number: int) -> av.VideoFrame | None:
+        """Frame `number` in decode order (for containers without timestamps)."""
+        for frame in self.frames:
+            self.check()
+            self.decoded += 1
+            if self.decoded > number:
+                return frame
+        return None
+
+
+@lru_cache(maxsize=1)
+def media_pool() -> ThreadPoolExecutor:
+    """Threads for requests with media: decoding, then the processor's resizing and patching.
+    Text-only requests are tokenized in a pool of their own, so they never wait behind a
+    video (#15).
+
+    Each thread is limited to one torch thread: a thread that runs torch ops gets its own
+    OpenMP team; left at the default size, those teams fight the decode loop's for the
+    same cores (measured: decode steps 2.9 -> 3.8 ms after one image was preprocessed in
+    asyncio's default executor).
+    """
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="media", initializer=torch.set_num_threads,
+                              initargs=(1,))
 
 
 @dataclass
@@ -770,28 +1089,32 @@ class PromptMessage:
 
     role: str
     content: str | list[dict]
-    fetched: list[tuple[str, bytes, str]] = field(default_factory=list)  # (kind, bytes, param), in order
+    fetched: list[tuple[str, Any, str]] = field(default_factory=list)  # (kind, bytes or frame list, param)
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     video_metadata: list = field(default_factory=list)
 
-    def decode(self, settings: Settings) -> None:
+    def decode(self, settings: Settings, budget: DecodeBudget) -> None:
         """Fetched bytes to PIL images and sampled video frames (blocking; preprocessing pool)."""
         for kind, data, param in self.fetched:
+            budget.check(param)
             if kind == "image":
-                self.images.append(decode_image(data, param, settings.max_image_pixels))
+                self.images.append(decode_image(data, param, max_pixels=settings.max_image_pixels,
+                                                target=budget.image_pixels))
             else:
-                frames, meta = decode_video(data, settings, param)
+                decode = decode_frame_list if kind == "frames" else decode_video
+                frames, meta = decode(data, settings, param, budget)
                 self.videos.append(frames)
                 self.video_metadata.append(meta)
         self.fetched = []
 
 
 
-async def load_media(req: ChatCompletionRequest, settings: Settings) -> list[PromptMessage]:
-    """Messages with their media fetched (not yet decoded), replaced by template placeholders."""
+async def load_media(messages: list[tuple[int, Message]], settings: Settings) -> list[PromptMessage]:
+    """Messages (with their index in the request) with their media fetched, not yet decoded,
+    and replaced by template placeholders."""
     out = []
-    for i, message in enumerate(req.messages):
+    for i, message in messages:
         role = "system" if message.role == "developer" else message.role
         if not isinstance(message.content, list):
             out.append(PromptMessage(role, message.content or ""))
@@ -810,6 +1133,9 @@ async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings
         data = await fetch_media(part.image_url.url, settings, param, settings.max_image_bytes)
         prompt.fetched.append(("image", data, param))
         prompt.content.append({"type": "image"})
+    elif part.video_url.url[:16].lower() == "data:video/jpeg;":
+        prompt.fetched.append(("frames", split_frame_list(part.video_url.url, settings, param), param))
+        prompt.content.append({"type": "video"})
     else:
         data = await fetch_media(part.video_url.url, settings, param, settings.max_video_bytes)
         prompt.fetched.append(("video", data, param))
@@ -820,53 +1146,153 @@ async def load_part(part: ContentPart, prompt: PromptMessage, settings: Settings
 
 # ----------------------------------------------------------------------------- prompt
 
+# A prompt averaging more characters a token than this is refused (or truncated) before it
+# is tokenized (tokenizing first took 30-77 s for a 19 MB body, #15). English prose runs
+# about 4 characters a token with BPE vocabularies of Qwen's size; 16 leaves room for text
+# far denser than that, such as long runs of spaces.
+MAX_CHARS_PER_TOKEN = 16
+
+
 @lru_cache(maxsize=1)
 def preprocess_pool() -> ThreadPoolExecutor:
-    """Threads for decoding media and running the processor, each limited to one torch thread.
-
-    A thread that runs torch ops gets its own OpenMP team; left at the default size, those
-    teams fight the decode loop's for the same cores (measured: decode steps 2.9 -> 3.8 ms
-    after one image was preprocessed in asyncio's default executor).
-    """
+    """Threads for tokenizing text-only requests; one torch thread each, as in media_pool."""
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="preprocess", initializer=torch.set_num_threads,
                               initargs=(1,))
 
 
-async def off_loop(fn: Callable, *args) -> Any:
-    """Run CPU-bound preprocessing in the preprocessing pool."""
-    return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), partial(fn, *args))
+async def prepare_prompt(req: ChatCompletionRequest, settings: Settings, processor, context: int,
+                         cancel: threading.Event) -> tuple[str, Any, int]:
+    """Check sizes, fetch media, then decode it and tokenize in one trip to a pool:
+    (prompt, inputs, dropped turns).
+
+    Requests with media go to the media pool, text-only ones to the preprocessing pool.
+    `cancel` (the session's flag) stops decoding between frames; it is also set here when
+    the awaiting request is cancelled, since the pool's thread would otherwise go on.
+    """
+    kept, dropped = fit_text_budget(req, settings, context)
+    messages = await load_media(kept, settings)
+    pool = media_pool() if any(m.fetched for m in messages) else preprocess_pool()
+    work = partial(build_inputs, messages, settings, processor, context, cancel)
+    try:
+        prompt, inputs, truncated = await asyncio.get_running_loop().run_in_executor(pool, work)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    return prompt, inputs, dropped + truncated
 
 
-def tokenize(processor, messages: list[PromptMessage]):
+def fit_text_budget(req: ChatCompletionRequest, settings: Settings, context: int) -> tuple[list, int]:
+    """Checks that cost nothing next to tokenizing, made before any media is fetched:
+    MAX_MESSAGES (550k tiny messages took 118 s to tokenize before their 400, #15), and
+    the text's length against what the context can hold. With CONTEXT_OVERFLOW=truncate
+    the oldest turns that could never fit are dropped here, as the token check would drop
+    them. Returns the (index, message) pairs kept and how many were dropped."""
+    parts = sum(len(m.content) if isinstance(m.content, list) else 1 for m in req.messages)
+    if max(parts, len(req.messages)) > settings.max_messages:
+        raise invalid(f"At most {settings.max_messages} messages and content parts per request.", "messages",
+                      "too_many_messages")
+    kept = list(enumerate(req.messages))
+    chars = [text_chars(m) for _, m in kept]
+    dropped = 0
+    while sum(chars) > context * MAX_CHARS_PER_TOKEN:
+        droppable = [k for k, (_, m) in enumerate(kept[:-1]) if m.role not in ("system", "developer")]
+        if settings.context_overflow != "truncate" or not droppable:
+            raise invalid(f"The prompt has {sum(chars)} characters, more than the model's context of {context} "
+                          "tokens can hold.", "messages", "context_length_exceeded")
+        del kept[droppable[0]], chars[droppable[0]]
+        dropped += 1
+    return kept, dropped
+
+
+def text_chars(message: Message) -> int:
+    if isinstance(message.content, list):
+        return sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+    return len(message.content or "")
+
+
+def tokenize(processor, messages: list[PromptMessage], settings: Settings):
     """(prompt text, processor inputs) for the messages and their media, in order."""
     prompt = processor.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                            tokenize=False, add_generation_prompt=True)
     images = [image for m in messages for image in m.images]
     videos = [video for m in messages for video in m.videos]
-    kwargs = {}
+    image_size, video_size = vision_sizes(processor, settings)
+    kwargs: dict[str, Any] = {}
+    if images:
+        kwargs["images_kwargs"] = {"size": image_size}
     if videos:  # frames were sampled in decode_video, with their original indices in the metadata
-        kwargs = {"video_metadata": [v for m in messages for v in m.video_metadata], "do_sample_frames": False}
+        kwargs.update(video_metadata=[v for m in messages for v in m.video_metadata], do_sample_frames=False,
+                      videos_kwargs={"size": video_size})
     return prompt, processor(text=[prompt], images=images or None, videos=videos or None, return_tensors="pt",
                              **kwargs)
 
 
-def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int):
+def vision_sizes(processor, settings: Settings) -> tuple[dict, dict]:
+    """The image and video processors' resize bounds, capped at MAX_IMAGE_TOKENS and
+    MAX_VIDEO_TOKENS. Without a cap a legal 6000x6000 PNG became a 12-16k-token prompt
+    whose prefill paused every running stream for 44-101 s (#15)."""
+    video = processor.video_processor
+    return (capped_size(processor.image_processor, settings.max_image_tokens, 1),
+            capped_size(video, settings.max_video_tokens, video.temporal_patch_size))
+
+
+def capped_size(processor, tokens: int, frames_per_token: int) -> dict:
+    """A token is one merge_size x merge_size group of patch_size patches (32 x 32 pixels for
+    Qwen3-VL), over temporal_patch_size frames for videos; Qwen's smart_resize scales an
+    image, or a video's frames together, down to fit `longest_edge` pixels."""
+    side = processor.patch_size * processor.merge_size
+    longest = min(processor.size["longest_edge"], tokens * side * side * frames_per_token)
+    return {"shortest_edge": min(processor.size["shortest_edge"], longest), "longest_edge": longest}
+
+
+def build_inputs(messages: list[PromptMessage], settings: Settings, processor, context: int,
+                 cancel: threading.Event):
     """Decode media and tokenize (blocking); over the context, 400 or (CONTEXT_OVERFLOW=truncate)
     drop the oldest non-system turns with their media. Returns (prompt, inputs, dropped)."""
+    image_size, video_size = vision_sizes(processor, settings)  # the deadline runs from when a pool thread starts
+    budget = DecodeBudget(settings.media_decode_timeout_seconds, cancel, image_pixels=image_size["longest_edge"],
+                          video_pixels=video_size["longest_edge"])
     for message in messages:
-        message.decode(settings)
-    dropped = 0
-    while True:
-        prompt, inputs = tokenize(processor, messages)
-        tokens = int(inputs["input_ids"].shape[1])
-        if tokens < context:
-            return prompt, inputs, dropped
-        droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
-        if settings.context_overflow != "truncate" or not droppable:
-            raise invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
-                          "context_length_exceeded")
-        del messages[droppable[0]]
-        dropped += 1
+        message.decode(settings, budget)
+    prompt, inputs = tokenize(processor, messages, settings)
+    if prompt_length(inputs) < context:
+        return prompt, inputs, 0
+    droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+    if settings.context_overflow != "truncate" or not droppable:
+        raise over_context(prompt_length(inputs), context)
+    return truncate_turns(messages, droppable, settings, processor, context)
+
+
+def truncate_turns(messages: list[PromptMessage], droppable: list[int], settings: Settings, processor, context: int):
+    """The prompt without the fewest oldest droppable turns that lets it fit: (prompt, inputs,
+    dropped). Bisected, since tokens only fall as turns go: dropping one turn per try cost a
+    tokenization of the whole prompt per dropped turn."""
+
+    def without(count: int) -> tuple[str, Any]:
+        gone = set(droppable[:count])
+        return tokenize(processor, [m for i, m in enumerate(messages) if i not in gone], settings)
+
+    low, high = 1, len(droppable)
+    best = without(high)
+    if prompt_length(best[1]) >= context:
+        raise over_context(prompt_length(best[1]), context)
+    while low < high:
+        middle = (low + high) // 2
+        attempt = without(middle)
+        if prompt_length(attempt[1]) < context:
+            high, best = middle, attempt
+        else:
+            low = middle + 1
+    return *best, high
+
+
+def prompt_length(inputs) -> int:
+    return int(inputs["input_ids"].shape[1])
+
+
+def over_context(tokens: int, context: int) -> APIError:
+    return invalid(f"The prompt is {tokens} tokens; the model's context is {context}.", "messages",
+                   "context_length_exceeded")
 
 
 @dataclass
@@ -2290,11 +2716,14 @@ class SessionLog:
         """Replay events after `after`, then follow live ones until [DONE]."""
         while True:
             changed = self._changed
-            for event in await self.read(after):
+            events = await self.read(after)
+            for event in events:
                 yield event
                 after = event.index
             if self.drained and after >= self.next_index - 1:
                 return
+            if events and after < self.visible:  # older events came from the store: the rest is in the ring
+                continue
             await changed.wait()
 
     async def wait_drained(self) -> None:
@@ -2488,12 +2917,14 @@ def load_persisted(writer: SQLiteWriter, session_id: str, capacity: int) -> tupl
     memory), so it died with an earlier one; if closing it at startup failed too (disk
     full), it reads as interrupted anyway, never as running forever.
     """
-    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta FROM sessions "
-                        "WHERE id=?", (session_id,))
+    # one statement, one snapshot: the row and its last event index agree even while the
+    # writer commits
+    rows = writer.query("SELECT status, finish_reason, prompt_tokens, completion_tokens, meta, "
+                        "(SELECT MAX(idx) FROM events WHERE session_id=?) FROM sessions WHERE id=?",
+                        (session_id, session_id))
     if not rows:
         return None
-    status, reason, prompt, completion, meta = rows[0]
-    last = writer.query("SELECT MAX(idx) FROM events WHERE session_id=?", (session_id,))[0][0]
+    status, reason, prompt, completion, meta, last = rows[0]
     log = SQLiteSessionLog(session_id, capacity, writer, next_index=(last if last is not None else -1) + 1,
                            outcome=Outcome(status, reason, prompt or 0, completion or 0))
     log.visible = log.next_index - 1
@@ -3797,9 +4228,8 @@ async def prepare_job(state: AppState, req: ChatCompletionRequest, session: Sess
     """Fetch media, then decode it, apply the chat template and tokenize in one trip to the pool;
     `make_sink(session, prompt_tokens, dropped, counts)` shapes the events (chat or Responses)."""
     refuse_control_tokens(req, state.models.control_tokens)
-    messages = await load_media(req, state.settings)
-    prompt, inputs, dropped = await off_loop(build_inputs, messages, state.settings, state.models.processor,
-                                             state.models.context_length)
+    prompt, inputs, dropped = await prepare_prompt(req, state.settings, state.models.processor,
+                                                   state.models.context_length, session.cancel_event)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     params = sampling_params(req, state.settings, prompt_tokens, state.models.context_length,
                              state.models.vocab_size)
@@ -4318,6 +4748,10 @@ async def lifespan(app: FastAPI):
     writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.store == "sqlite" else None
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
+        try:  # wait until those closes are committed, so no lookup races them
+            await writer.write("SELECT 1", ())
+        except StoreUnavailable:
+            logger.error("closing interrupted sessions failed (disk full?); lookups report them interrupted")
         logger.info("sessions db %s open (%d interrupted sessions closed)", settings.sessions_db_path, interrupted)
     metrics: Metrics = app.state.metrics
     state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),
