@@ -14,9 +14,13 @@ Invariants of a session log (tested)
   `id: <session_id>:<index>`, `[DONE]` included, and `[DONE]` is the last event.
 - A reader that resumes after index k gets exactly the events with index > k, in order,
   with no gap and no duplicate, also at the seam between replay and live events.
-- With `PERSIST_SESSIONS=1` readers only see events already committed to SQLite, so a
+- With `SESSION_STORE=sqlite` readers only see events already committed to SQLite, so a
   crash can never take back an event a client has seen; sessions that were generating
   when the process died are closed on restart as `interrupted`.
+- With `SESSION_STORE=redis` several replicas share sessions: any replica serves any
+  stream, resume, GET, cancel or delete; the owner's readers see only what Redis
+  acknowledged (unless REDIS_LOCAL_FALLBACK covers an outage); a replica that dies is
+  noticed after its lease and its sessions end as `interrupted`, once.
 - An index older than anything still kept is refused (410), never skipped silently.
 
 Generation: one thread runs a continuous-batching decode loop (never parallel threads:
@@ -37,7 +41,7 @@ define (tests/test_structure.py checks it). Decisions cited as (D<n>) are in CLA
    metrics       Prometheus metrics
    engine        jobs, detokenizer, stopping, penalties, batch, decode loop, outbox
    event shapers chat chunks (GenerationSink) and the non-streamed body
-   sessions      session logs (memory ring, SQLite), sessions, the registry
+   sessions      session logs (memory ring, SQLite, Redis), sessions, the registry
    http          SSE, request handling, routes, the error table
    middleware    pure ASGI: request ids, body limit, API keys, metrics
    app           lifespan, shutdown, create_app, __main__
@@ -67,16 +71,18 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Protocol
 from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import anyio
 import av
 import httpx
 import numpy as np
+import redis
+import redis.asyncio as aioredis
 import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -87,6 +93,11 @@ from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -171,8 +182,18 @@ class Settings(BaseSettings):
         256, ge=1, description="Sessions kept in memory; the oldest finished ones are dropped first.")
     sessions_ttl_seconds: float = Field(
         3600.0, gt=0, description="Finished sessions are deleted this long after they end.")
-    persist_sessions: bool = Field(False, description="Write sessions to SQLite so streams replay after a restart.")
-    sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when PERSIST_SESSIONS=1.")
+    session_store: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="Where session logs live: memory, sqlite (one process) or redis (shared by replicas).")
+    persist_sessions: bool = Field(
+        False, description="Old name of SESSION_STORE=sqlite (used when SESSION_STORE is not set).")
+    sessions_db_path: str = Field("data/sessions.db", description="SQLite file used when SESSION_STORE=sqlite.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis used when SESSION_STORE=redis.")
+    replica_id: str = Field(
+        "", description="This replica's name in Redis; empty means host-pid-random, fresh at every start.")
+    redis_lease_seconds: float = Field(
+        5.0, gt=0, description="A replica silent this long is gone: its running sessions end as interrupted.")
+    redis_local_fallback: bool = Field(
+        True, description="While Redis is down (1 s+), the owner's own readers keep streaming unconfirmed events.")
     cancel_after_disconnect_seconds: float = Field(
         3600.0, ge=0, description="Cancel a generation nobody has listened to for this long; 0 disables.")
     stream_interval_ms: float = Field(
@@ -222,6 +243,13 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_repo_id
+
+    @property
+    def store(self) -> str:
+        """The session store in use: PERSIST_SESSIONS=1 still means sqlite when SESSION_STORE is not set."""
+        if self.persist_sessions and "session_store" not in self.model_fields_set:
+            return "sqlite"
+        return self.session_store
 
     @property
     def buffer_events(self) -> int:
@@ -2938,6 +2966,881 @@ def close_interrupted(writer: SQLiteWriter) -> int:
     return len(rows)
 
 
+# Redis (SESSION_STORE=redis): sessions shared by replicas (issue #11). Per session `key`
+# (store_key(owner, id)), in braces so that all of a session's keys share one Redis
+# Cluster slot (D60):
+#    qwen:s:{key}             hash: status, owner (replica id), last (last stored index),
+#                             finish_reason, prompt_tokens, completion_tokens, created,
+#                             finished, key_hash, meta (JSON), cancel_requested, closed_by
+#    qwen:s:{key}:events      stream: entry id 0-(index+1), fields i (index) and d (data)
+#    qwen:s:{key}:listeners   hash: replica id -> readers there, _left (when the last left)
+#    qwen:replica:{rid}       the replica's lease (SET PX, refreshed by its heartbeat)
+#    qwen:replica:{rid}:cancels  set of session keys whose cancel that replica still owes
+#    qwen:cancel              pub/sub channel of cancel requests
+# RedisWriter (one thread, one pipeline per delivery), RedisSessionLog (the owner's log),
+# RemoteSessionLog (read from another replica), ReplicaAgent (lease and cancels),
+# RedisSessions (reserve, load, cancel, listeners, close_interrupted, delete).
+
+ORPHAN_TTL_SECONDS = 86400.0  # a session nobody ever closes still expires
+REPLICA_LOST = "Generation was interrupted: the replica running it stopped."
+CANCEL_CHANNEL = "qwen:cancel"
+DONE = "[DONE]"
+OUTAGE = (RedisConnectionError, RedisTimeoutError)  # Redis unreachable: retried until it is back
+
+
+def session_key(key: str) -> str:
+    return f"qwen:s:{{{key}}}"
+
+
+def events_key(key: str) -> str:
+    return f"qwen:s:{{{key}}}:events"
+
+
+def listeners_key(key: str) -> str:
+    return f"qwen:s:{{{key}}}:listeners"
+
+
+def lease_key(rid: str) -> str:
+    return f"qwen:replica:{rid}"
+
+
+def cancels_key(rid: str) -> str:
+    return f"qwen:replica:{rid}:cancels"
+
+
+def session_keys(key: str) -> list[str]:
+    """The keys a session's scripts touch, in the order they expect them."""
+    return [session_key(key), events_key(key), listeners_key(key)]
+
+
+def sid_of(key: str) -> str:
+    """The session id inside a store key, for logs (never the owner's key digest)."""
+    return key.rsplit("/", 1)[-1]
+
+
+def stream_id(index: int) -> str:
+    """Entry id of event `index` (D61): 0-0 is not a valid id, so indexes start at 0-1."""
+    return f"0-{index + 1}"
+
+
+def new_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+@contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Any Redis failure as the one domain error the HTTP layer answers 503 to."""
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreUnavailable(f"The session store (Redis) is unavailable: {what} failed.", retry_after=1) from exc
+
+
+# Lua: every script that changes a session checks its status first, so a replica's append
+# and another's close of the same session can never both land (D62, D66).
+
+STREAM_TOP = """
+local function stream_top(stream)
+  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #top == 0 then return -1 end
+  return tonumber(string.match(top[1][1], '%-(%d+)$')) - 1
+end
+local function close_with(error, status, closer, finished, ttl, maxlen)
+  local last = stream_top(KEYS[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '0-' .. (last + 2), 'i', last + 1, 'd', error)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '0-' .. (last + 3), 'i', last + 2, 'd', '[DONE]')
+  redis.call('HSET', KEYS[1], 'status', status, 'finish_reason', '', 'finished', finished, 'closed_by', closer,
+             'last', last + 2)
+  for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl) end
+end
+"""
+
+# KEYS session, events, listeners. ARGV rid, created, key_hash, meta, orphan ttl ms.
+RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'owner', ARGV[1], 'created', ARGV[2], 'key_hash', ARGV[3],
+           'meta', ARGV[4], 'last', -1, 'cancel_requested', 0, 'prompt_tokens', 0, 'completion_tokens', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+# KEYS session, events, listeners. ARGV rid, first index, maxlen, n, n datas, then for
+# the session's end: status, finish_reason, prompt, completion, finished, ttl ms.
+# Returns {code, last stored index, cancel requested}.
+APPEND = STREAM_TOP + """
+local h = redis.call('HMGET', KEYS[1], 'status', 'owner', 'cancel_requested', 'closed_by')
+if not h[1] then return {'missing', -1, 0} end
+local cancel = tonumber(h[3] or 0)
+local last = stream_top(KEYS[2])
+if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
+  if h[4] == ARGV[1] then return {'ok', last, cancel} end
+  return {'closed', last, cancel}
+end
+local first, n = tonumber(ARGV[2]), tonumber(ARGV[4])
+if n > 0 and first > last + 1 then return {'gap', last, cancel} end
+local created = last == -1
+for k = 0, n - 1 do
+  local index = first + k
+  if index > last then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '0-' .. (index + 1), 'i', index, 'd', ARGV[5 + k])
+    last = index
+  end
+end
+redis.call('HSET', KEYS[1], 'last', last)
+local e = 5 + n
+if #ARGV >= e then
+  redis.call('HSET', KEYS[1], 'status', ARGV[e], 'finish_reason', ARGV[e + 1], 'prompt_tokens', ARGV[e + 2],
+             'completion_tokens', ARGV[e + 3], 'finished', ARGV[e + 4], 'closed_by', ARGV[1])
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[e + 5]) end
+elseif created and last >= 0 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+return {'ok', last, cancel}
+"""
+
+# KEYS session, events, listeners, the owner's lease. ARGV owner, closer, error event,
+# finished, ttl ms, least Redis uptime in seconds, maxlen. Returns 1 if this call closed it.
+CLOSE_ORPHAN = STREAM_TOP + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+if uptime < tonumber(ARGV[6]) then return 0 end
+close_with(ARGV[3], 'interrupted', ARGV[2], ARGV[4], ARGV[5], ARGV[7])
+return 1
+"""
+
+# KEYS session, events, listeners. ARGV owner, error event, finished, ttl ms, maxlen. The
+# owner ends in Redis a session it cannot write on (Redis lost part of it, or refuses).
+FAIL = STREAM_TOP + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+close_with(ARGV[2], 'failed', ARGV[1], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS session, the owner's cancels set. ARGV owner, channel, message, key, set ttl ms.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'in_progress' and redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 1)
+  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
+return status
+"""
+
+# KEYS listeners, session. ARGV rid, +1 or -1. A replica's count that falls to 0 is
+# removed and the time (Redis' clock) noted, so the owner knows how long nobody listened.
+LISTEN = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], '_left', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return n
+"""
+
+
+def decode_entry(entry: tuple) -> Event:
+    _, fields = entry
+    return Event(int(fields[b"i"]), fields[b"d"].decode())
+
+
+def contiguous(events: list[Event], after: int) -> list[Event]:
+    """The events as read, if the first follows `after`; EventsGone if Redis trimmed it (D61)."""
+    if events and events[0].index != after + 1:
+        raise EventsGone(f"Events after {after} are no longer kept (oldest kept: {events[0].index}).")
+    return events
+
+
+# Redis writer
+
+@dataclass(eq=False)
+class Append:
+    """One session's share of a delivery: events first.., then maybe the session's end."""
+
+    log: RedisSessionLog
+    first: int = -1
+    datas: list[str] = field(default_factory=list)
+    outcome: Outcome | None = None
+    finished: float = 0.0
+
+    def args(self, rid: str, ttl_ms: int) -> list:
+        args = [rid, self.first, self.log.events.maxlen, len(self.datas), *self.datas]
+        if self.outcome is not None:
+            o = self.outcome
+            args += [o.status, o.finish_reason or "", o.prompt_tokens, o.completion_tokens, self.finished, ttl_ms]
+        return args
+
+
+def group(ops: list[tuple]) -> list[Append]:
+    """Submitted (log, event, outcome, time) in order, as one Append per session (two if
+    something followed its end, which a shaper never does)."""
+    calls: list[Append] = []
+    open_: dict[RedisSessionLog, Append] = {}
+    for log, event, outcome, at in ops:
+        call = open_.get(log)
+        if call is None or call.outcome is not None:
+            call = open_[log] = Append(log)
+            calls.append(call)
+        if event is not None:
+            call.first = event.index if not call.datas else call.first
+            call.datas.append(event.data)
+        if outcome is not None:
+            call.outcome, call.finished = outcome, at
+    return calls
+
+
+class RedisWriter:
+    """One thread that owns a sync client and writes every owned session's events (D63).
+
+    The loop's appends of one iteration (one outbox delivery) become one batch, and one
+    batch one pipeline: one EVALSHA per session touched. After Redis answers, the events
+    it stored are published to the logs' readers (D62). An unreachable Redis is retried
+    until it is back, logged once per outage; appends are idempotent (D61), so a retried
+    pipeline never duplicates an event. After `degrade_after` seconds of outage the
+    owner's readers get unconfirmed events from memory (D64). A session Redis lost, or
+    closed meanwhile as interrupted, ends early; so does one whose writes Redis keeps
+    refusing (out of memory) after RETRY_DELAYS.
+    """
+
+    RETRY_DELAYS = (0.05, 0.2, 0.5)  # Redis refused a command (OOM, ...): then give up
+    MAX_OUTAGE_PAUSE = 0.5  # between reconnection attempts
+    MAX_BATCHES = 256  # deliveries merged into one pipeline when they queued up (outage)
+
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop, rid: str, *, ttl: float,
+                 on_cancel: Callable[[str], None], degrade_after: float | None = 1.0):
+        self.loop, self.rid, self.on_cancel, self.degrade_after = loop, rid, on_cancel, degrade_after
+        self.ttl_ms = int(ttl * 1000)
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1,
+                                           retry=Retry(NoBackoff(), 0))  # retries are ours: counted and logged
+        self.sha = ""  # APPEND's digest: loaded lazily, and again after a Redis restart
+        self.pending: list[tuple] = []  # loop thread
+        self.flush_scheduled = False
+        self.unconfirmed = False  # loop thread: the owner's readers see events before Redis has them (D64)
+        self.logs: weakref.WeakSet[RedisSessionLog] = weakref.WeakSet()  # loop thread
+        self.told: weakref.WeakSet[RedisSessionLog] = weakref.WeakSet()  # loop thread: cancel passed on
+        self.failed: weakref.WeakSet[RedisSessionLog] = weakref.WeakSet()  # writer thread
+        self.unclosed: dict[str, int] = {}  # writer thread: ended early here, not yet in Redis (key -> maxlen)
+        self.failing_since: float | None = None  # writer thread: an outage is under way
+        self.degraded = False  # writer thread
+        self.stop_by: float | None = None  # close(): give up retrying at this time
+        self.ops: queue.Queue[list[tuple] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
+        self.thread.start()
+
+    # loop thread
+
+    def register(self, log: RedisSessionLog) -> None:
+        self.logs.add(log)
+
+    def submit(self, log: RedisSessionLog, event: Event | None = None, outcome: Outcome | None = None) -> None:
+        self.pending.append((log, event, outcome, time.time()))
+        if not self.flush_scheduled:  # once per loop iteration: one delivery, one pipeline
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.pending:
+            self.ops.put(self.pending)
+            self.pending = []
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (retrying an outage for at most `timeout`), then stop."""
+        self._flush()
+        self.stop_by = time.monotonic() + timeout
+        self.ops.put(None)
+        self.thread.join(timeout + 2)
+        self.client.close()
+
+    def _settle(self, results: list[tuple[RedisSessionLog, str, int, int]]) -> None:
+        for log, code, last, cancel in results:
+            if log.broken:
+                continue
+            if code == "ok":
+                log.publish(last)
+            elif code == "closed":  # another replica closed it: the same error event at the same index
+                # as in Redis (unless readers here already saw unconfirmed events, D64)
+                log.end_early(REPLICA_LOST, "interrupted")
+            else:
+                log.end_early(STORAGE_FAILED, "storage_failed")
+            if cancel and log not in self.told:
+                self.told.add(log)
+                self.on_cancel(log.session_id)
+
+    def _set_unconfirmed(self, on: bool) -> None:
+        self.unconfirmed = on
+        if on:
+            for log in list(self.logs):
+                if not log.broken:
+                    log.publish(log.next_index - 1)
+
+    def _tell(self, fn: Callable, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    # writer thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batches = [self.ops.get(timeout=1.0 if self.unclosed else None)]
+            except queue.Empty:
+                self._close_unclosed()
+                continue
+            while len(batches) < self.MAX_BATCHES and not self.ops.empty():
+                batches.append(self.ops.get_nowait())
+            ops = [op for batch in batches if batch for op in batch if op[0] not in self.failed]
+            if ops:
+                self._write_safely(group(ops))
+            if None in batches:
+                return
+            self._close_unclosed()
+
+    def _write_safely(self, calls: list[Append]) -> None:
+        try:
+            self._write(calls)
+        except Exception:  # an answer we do not expect must not stop the thread every session writes through
+            logger.exception("redis writer failed on %d sessions", len(calls))
+            self._give_up(calls, "writer error")
+
+    def _write(self, calls: list[Append]) -> None:
+        refusals = 0
+        while calls:
+            try:
+                results = self._pipeline(calls)
+            except OUTAGE as exc:
+                if not self._outage(exc):
+                    return self._give_up(calls, "redis unreachable at shutdown", reachable=False)
+                continue
+            self._recovered()
+            calls, refused = self._report(calls, results)
+            if refused:
+                refusals += 1
+                if refusals > len(self.RETRY_DELAYS):
+                    return self._give_up(calls, f"redis refused: {refused}")
+                time.sleep(self.RETRY_DELAYS[refusals - 1])
+
+    def _pipeline(self, calls: list[Append]) -> list:
+        if not self.sha:
+            self.sha = self.client.script_load(APPEND)
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command("EVALSHA", self.sha, 3, *session_keys(call.log.session_id),
+                                 *call.args(self.rid, self.ttl_ms))
+        return pipe.execute(raise_on_error=False)
+
+    def _report(self, calls: list[Append], results: list) -> tuple[list[Append], ResponseError | None]:
+        """Settle what Redis answered; return the calls to send again and the last refusal."""
+        again, refused, settled = [], None, []
+        for call, result in zip(calls, results):
+            if isinstance(result, NoScriptError):  # Redis restarted without its script cache
+                self.sha, again = "", again + [call]
+            elif isinstance(result, ResponseError):
+                again.append(call)
+                refused = result
+            else:
+                code, last, cancel = result[0].decode(), int(result[1]), int(result[2])
+                if code != "ok":
+                    self._fail(call.log, f"redis answered {code} at index {last}")
+                settled.append((call.log, code, last, cancel))
+        if settled:
+            self._tell(self._settle, settled)
+        return again, refused
+
+    def _outage(self, exc: Exception) -> bool:
+        """Wait before the next try; False once close() said to stop trying."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+            logger.error("redis writes failing (%s); retrying until it is back", exc)
+        if self.degrade_after is not None and not self.degraded and now - self.failing_since >= self.degrade_after:
+            self.degraded = True
+            logger.warning("redis down for %.1f s: owners' readers now get unconfirmed events",
+                           now - self.failing_since)
+            self._tell(self._set_unconfirmed, True)
+        if self.stop_by is not None and now >= self.stop_by:
+            return False
+        time.sleep(min(self.MAX_OUTAGE_PAUSE, 0.05 + (now - self.failing_since) / 4))
+        return True
+
+    def _recovered(self) -> None:
+        if self.failing_since is None:
+            return
+        logger.info("redis writes work again after %.1f s", time.monotonic() - self.failing_since)
+        self.failing_since = None
+        if self.degraded:
+            self.degraded = False
+            self._tell(self._set_unconfirmed, False)
+
+    def _give_up(self, calls: list[Append], why: str, reachable: bool = True) -> None:
+        logs = {call.log for call in calls}
+        logger.error("redis write of %d sessions failed for good (%s); they end early", len(logs), why)
+        for log in logs:
+            self._fail(log, why, reachable)
+        self._tell(self._settle, [(log, "failed", -1, 0) for log in logs])
+
+    def _fail(self, log: RedisSessionLog, why: str, reachable: bool = True) -> None:
+        """Drop the log's later writes and, if Redis still lets us, end it there too, so no
+        reader elsewhere waits for a session this replica no longer writes."""
+        self.failed.add(log)
+        logger.error("session %s ends early (%s)", sid_of(log.session_id), why)
+        if reachable:
+            self.unclosed[log.session_id] = log.events.maxlen
+            self._close_unclosed()
+
+    def _close_unclosed(self) -> None:
+        """End in Redis the sessions that ended early here; those Redis refuses now (out of
+        memory) are tried again every second, so no reader elsewhere waits on them forever."""
+        error = dumps(error_body(STORAGE_FAILED, "server_error", code="storage_failed"))
+        for key, maxlen in list(self.unclosed.items()):
+            try:
+                self.client.eval(FAIL, 3, *session_keys(key), self.rid, error, time.time(), self.ttl_ms, maxlen)
+            except RedisError:
+                continue
+            del self.unclosed[key]
+
+
+# Redis logs
+
+class RedisSessionLog(SessionLog):
+    """The owner's log: the memory ring in front, Redis behind (D64).
+
+    Appends go to the ring and to the writer; readers on this replica get an event once
+    Redis stored it (publish-after-ack, as with SQLite), from the ring when it still
+    holds it, else from the stream. Readers on other replicas use RemoteSessionLog.
+    """
+
+    def __init__(self, session_id: str, capacity: int, writer: RedisWriter, sessions: RedisSessions):
+        super().__init__(session_id, capacity)
+        self.writer, self.sessions = writer, sessions
+        writer.register(self)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def _store(self, event: Event) -> None:
+        self.writer.submit(self, event=event)
+        if self.writer.unconfirmed:
+            self.publish(event.index)
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.broken:
+            return
+        super().finish(outcome)
+        self.writer.submit(self, outcome=outcome)
+
+    async def _read_older(self, after: int, upto: int) -> list[Event]:
+        return await self.sessions.read_range(self.session_id, after, upto)
+
+
+class RemoteSessionLog(SessionLog):
+    """A session another replica generates or generated, read from Redis (D65).
+
+    Read-only, with no ring of its own: read(after) is XRANGE from the cursor, follow(after)
+    replays then blocks in XREAD for live entries until [DONE]. While it waits it checks
+    the owner's lease, so a session whose replica died ends as interrupted (D66).
+    `visible`, `next_index` and `outcome` are as of the last read.
+    """
+
+    OUTAGE_GRACE = 10.0  # seconds a follower waits for Redis to come back before it gives up
+
+    def __init__(self, session_id: str, sessions: RedisSessions, info: SessionInfo, first: int):
+        super().__init__(session_id, 0, info.last + 1, info.outcome)
+        self.sessions, self.info, self.first = sessions, info, first
+
+    def append(self, data: str) -> int:
+        raise TypeError(f"session {self.session_id} is written by replica {self.info.owner}, not here")
+
+    def finish(self, outcome: Outcome) -> None:
+        raise TypeError(f"session {self.session_id} is written by replica {self.info.owner}, not here")
+
+    @property
+    def oldest_kept(self) -> int:
+        return self.first
+
+    async def read(self, after: int) -> list[Event]:
+        events = await self.sessions.read_range(self.session_id, after)
+        await self._saw(events)
+        return events
+
+    async def follow(self, after: int) -> AsyncIterator[Event]:
+        for event in await self._riding_out(self.read, after):
+            yield event
+            after = event.index
+        while not (self.closed and after >= self.next_index - 1):
+            for event in await self._riding_out(self._live, after):
+                yield event
+                after = event.index
+
+    async def wait_drained(self) -> None:
+        async for _ in self.follow(self.visible):
+            pass
+
+    async def _saw(self, events: list[Event]) -> None:
+        if not events:
+            return
+        self.next_index = max(self.next_index, events[-1].index + 1)
+        self.visible = self.next_index - 1
+        if events[-1].data == DONE:  # the session's end is stored in the same script as [DONE]
+            await self.refresh()
+
+    async def _riding_out(self, read: Callable, after: int) -> list[Event]:
+        """`read(after)`, riding out a Redis outage shorter than OUTAGE_GRACE (a restart, a
+        failover); a longer one raises StoreUnavailable."""
+        since = time.monotonic()
+        while True:
+            try:
+                return await read(after)
+            except StoreUnavailable:
+                if time.monotonic() - since > self.OUTAGE_GRACE:
+                    raise
+                await asyncio.sleep(0.25)
+
+    async def _live(self, after: int) -> list[Event]:
+        """The next live events, or [] after a quiet block (then the owner is checked)."""
+        events = await self.sessions.read_live(self.session_id, after)
+        if events:
+            await self._saw(events)
+        else:
+            await self._check()
+        return events
+
+    async def _check(self) -> None:
+        """Nothing new for a while: is the owner still there, is the session still kept?"""
+        await self.sessions.close_interrupted(self.session_id, self.info)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        info = await self.sessions.info(self.session_id)
+        if info is None:
+            raise EventsGone(f"Session {self.session_id} is no longer kept.")
+        self.info, self.outcome = info, info.outcome
+        self.next_index = max(self.next_index, info.last + 1)  # stored means visible: the loop reads on to it
+        self.visible = self.next_index - 1
+
+
+# Redis replica
+
+class ReplicaAgent:
+    """This replica's presence in Redis, on one daemon thread with a sync client (D66, D67).
+
+    Every `beat` seconds it renews the lease `qwen:replica:{rid}` (PX lease) and takes the
+    cancels owed to it from its set; between beats it listens on `qwen:cancel`. Pub/sub is
+    the fast path (a cancel reaches on_cancel in ~1 ms) but at most once; the set catches
+    what a dropped subscription missed, the writer's appends what both missed. A thread,
+    not a task, so an event loop held up by other work cannot let the lease lapse.
+    """
+
+    def __init__(self, url: str, rid: str, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[str], None], *,
+                 lease: float = 5.0, beat: float = 1.5):
+        self.rid, self.loop, self.on_cancel, self.lease, self.beat = rid, loop, on_cancel, lease, beat
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1,
+                                           retry=Retry(NoBackoff(), 0), health_check_interval=max(1, int(lease)))
+        self.value = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+        self.stopping = threading.Event()
+        self.failing = False
+        self.subscribed = threading.Event()  # tests wait on it
+        self.thread = threading.Thread(target=self._run, name="redis-replica", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop beating and drop the lease: what this replica still owns may be closed at once."""
+        self.stopping.set()
+        self.thread.join(5)
+        try:
+            self.client.delete(lease_key(self.rid))
+        except RedisError:
+            pass
+        self.client.close()
+
+    def _run(self) -> None:
+        pubsub = None
+        while not self.stopping.is_set():
+            try:
+                pubsub = pubsub or self._subscribe()
+                self._listen(pubsub)
+                self._recovered()
+            except RedisError as exc:
+                self._failed(exc)
+                pubsub = self._drop(pubsub)
+                self.stopping.wait(0.25)
+            except Exception:  # this thread keeps the lease: if it died, every session here would be closed
+                logger.exception("redis replica agent error; going on")
+                pubsub = self._drop(pubsub)
+                self.stopping.wait(0.25)
+        self._drop(pubsub)
+
+    def _subscribe(self) -> redis.client.PubSub:
+        """Subscribe, wait until Redis confirms, then beat and take the owed cancels: a cancel
+        published before the confirmation is in the set, one after it comes as a message."""
+        pubsub = self.client.pubsub()
+        pubsub.subscribe(CANCEL_CHANNEL)
+        while (message := pubsub.get_message(timeout=2)) is None or message["type"] != "subscribe":
+            if message is None:
+                raise RedisTimeoutError("no subscribe confirmation")
+        self._beat()
+        self.subscribed.set()
+        return pubsub
+
+    def _listen(self, pubsub: redis.client.PubSub) -> None:
+        """Messages until the next beat is due, then the beat."""
+        due = time.monotonic() + self.beat
+        while not self.stopping.is_set() and (left := due - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=min(left, 0.25))
+            if message is not None and message["type"] == "message":
+                self._on_message(message["data"])
+        self._beat()
+
+    def _beat(self) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(lease_key(self.rid), self.value, px=int(self.lease * 1000))
+        pipe.smembers(cancels_key(self.rid))
+        pipe.delete(cancels_key(self.rid))
+        _, owed, _ = pipe.execute()
+        for key in owed:
+            self._tell(key.decode())
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            request = json.loads(data)
+            owner, key = request["owner"], request["key"]
+        except (ValueError, TypeError, KeyError):
+            logger.warning("ignored a malformed message on %s (%d bytes)", CANCEL_CHANNEL, len(data))
+            return
+        if owner == self.rid:
+            self._tell(key)
+
+    def _tell(self, key: str) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.on_cancel, key)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _failed(self, exc: Exception) -> None:
+        self.subscribed.clear()
+        if not self.failing:
+            self.failing = True
+            logger.error("redis lease and cancel channel failing (%s); retrying", exc)
+
+    def _recovered(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.info("redis lease and cancel channel work again")
+
+    @staticmethod
+    def _drop(pubsub: redis.client.PubSub | None) -> None:
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except RedisError:
+                pass
+        return None
+
+
+# Redis sessions
+
+@dataclass
+class SessionInfo:
+    """A session's hash, parsed."""
+
+    status: str
+    owner: str
+    last: int
+    created: float
+    finished: float | None
+    key_hash: str
+    meta: dict
+    cancel_requested: bool
+    outcome: Outcome
+
+    @classmethod
+    def parse(cls, h: dict[bytes, bytes]) -> SessionInfo:
+        text = {k.decode(): v.decode() for k, v in h.items()}
+        status = text["status"]
+        outcome = Outcome(status, text.get("finish_reason") or None, int(text.get("prompt_tokens") or 0),
+                          int(text.get("completion_tokens") or 0))
+        return cls(status=status, owner=text["owner"], last=int(text["last"]), created=float(text["created"]),
+                   finished=float(text["finished"]) if text.get("finished") else None,
+                   key_hash=text.get("key_hash", ""), meta=json.loads(text.get("meta") or "{}"),
+                   cancel_requested=text.get("cancel_requested") == "1", outcome=outcome)
+
+
+@dataclass
+class Listeners:
+    """Readers of a session on live replicas, and how long ago the last one elsewhere left."""
+
+    live: int
+    idle_for: float | None  # seconds since a replica's count last fell to 0; None if never
+
+
+class RedisSessions:
+    """What a replica asks of Redis about sessions, on the event loop (D68, D69).
+
+    Every failure to reach Redis is StoreUnavailable (503). Two clients: one for quick
+    commands (2 s socket timeout), one for XREAD BLOCK (its timeout outlasts the block).
+    """
+
+    PAGE = 512  # entries per XRANGE/XREAD
+
+    def __init__(self, url: str, rid: str, *, capacity: int, ttl: float, lease: float = 5.0,
+                 orphan_ttl: float = ORPHAN_TTL_SECONDS, block: float = 2.0):
+        self.rid, self.capacity, self.lease, self.block = rid, capacity, lease, block
+        self.ttl_ms, self.orphan_ttl_ms = int(ttl * 1000), int(orphan_ttl * 1000)
+        retry = Retry(ExponentialBackoff(cap=0.25, base=0.02), 2)
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1, retry=retry)
+        self.blocking = aioredis.Redis.from_url(url, socket_timeout=block + 3, socket_connect_timeout=1, retry=retry)
+        self.scripts = {name: self.redis.register_script(src) for name, src in
+                        (("reserve", RESERVE), ("close", CLOSE_ORPHAN), ("cancel", CANCEL), ("listen", LISTEN))}
+        self.pending_detach: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    async def reserve(self, key: str, key_hash: str = "", meta: dict | None = None) -> None:
+        """Claim `key` for this replica; SessionExists if any replica has it (D68)."""
+        args = [self.rid, int(time.time()), key_hash, dumps(meta or {}), self.orphan_ttl_ms]
+        with store_errors("reserving a session"):
+            won = await self.scripts["reserve"](keys=session_keys(key), args=args)
+        if not won:
+            raise SessionExists(f"Session '{sid_of(key)}' already exists; resume it with Last-Event-ID.",
+                                param="session_id")
+
+    async def info(self, key: str) -> SessionInfo | None:
+        with store_errors("reading a session"):
+            h = await self.redis.hgetall(session_key(key))
+        return SessionInfo.parse(h) if h else None
+
+    async def load(self, key: str) -> tuple[RemoteSessionLog, dict] | None:
+        """The session as another replica sees it (like load_persisted): None if Redis has
+        no such key; one whose owner is gone is closed as interrupted first (D66)."""
+        with store_errors("reading a session"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(session_key(key))
+            pipe.xrange(events_key(key), count=1)
+            h, head = await pipe.execute()
+        if not h:
+            return None
+        info = SessionInfo.parse(h)
+        if info.status == "in_progress" and await self.close_interrupted(key, info):
+            return await self.load(key)
+        first = decode_entry(head[0]).index if head else info.last + 1
+        return RemoteSessionLog(key, self, info=info, first=first), info.meta
+
+    async def read_range(self, key: str, after: int, upto: int | None = None) -> list[Event]:
+        """Stored events in (after, upto], in pages; EventsGone if the first was trimmed."""
+        events: list[Event] = []
+        while upto is None or after < upto:
+            with store_errors("reading events"):
+                page = await self.redis.xrange(events_key(key), min=stream_id(after + 1),
+                                               max=stream_id(upto) if upto is not None else "+", count=self.PAGE)
+            batch = contiguous([decode_entry(e) for e in page], after)
+            events += batch
+            if len(page) < self.PAGE:
+                break
+            after = batch[-1].index
+        return events
+
+    async def read_live(self, key: str, after: int) -> list[Event]:
+        """Events after `after`, waiting up to `block` seconds for one (XREAD BLOCK)."""
+        with store_errors("following events"):
+            reply = await self.blocking.xread({events_key(key): stream_id(after)}, count=self.PAGE,
+                                              block=int(self.block * 1000))
+        entries = (list(reply.values())[0] if isinstance(reply, dict) else reply[0][1]) if reply else []
+        return contiguous([decode_entry(e) for e in entries], after)
+
+    async def cancel(self, key: str) -> str | None:
+        """Ask the owner, wherever it runs, to stop (D67); the status as it was, None if no such session."""
+        info = await self.info(key)
+        if info is None:
+            return None
+        message = json.dumps({"owner": info.owner, "key": key})
+        args = [info.owner, CANCEL_CHANNEL, message, key, self.orphan_ttl_ms]
+        with store_errors("cancelling a session"):
+            status = await self.scripts["cancel"](keys=[session_key(key), cancels_key(info.owner)], args=args)
+        return status.decode() if status else None
+
+    async def close_interrupted(self, key: str, info: SessionInfo | None = None) -> bool:
+        """End a session whose owner's lease is gone with the interrupted error and [DONE]
+        (what SQLite's close_interrupted appends); of any number of replicas trying at once
+        exactly one does it. Nothing while the owner's lease lives, nor within one lease
+        period of a Redis restart, when leases may be missing from live owners (D66)."""
+        info = info or await self.info(key)
+        if info is None or info.status != "in_progress" or info.owner == self.rid:
+            return False
+        error = dumps(error_body(REPLICA_LOST, "server_error", code="interrupted"))
+        args = [info.owner, self.rid, error, time.time(), self.ttl_ms, int(self.lease + 0.999), self.capacity]
+        with store_errors("closing an orphaned session"):
+            closed = await self.scripts["close"](keys=[*session_keys(key), lease_key(info.owner)], args=args)
+        if closed:
+            logger.warning("session %s closed as interrupted: replica %s is gone", sid_of(key), info.owner)
+        return bool(closed)
+
+    async def attach(self, key: str) -> None:
+        """A reader on this replica started reading a session another replica owns (D69)."""
+        with store_errors("counting a listener"):
+            await self.scripts["listen"](keys=[listeners_key(key), session_key(key)], args=[self.rid, 1])
+
+    async def detach(self, key: str) -> None:
+        """That reader left. If Redis cannot be told now, it is retried for a minute; a
+        count left behind only keeps auto-cancel off for that session, never cancels it."""
+        try:
+            await self.scripts["listen"](keys=[listeners_key(key), session_key(key)], args=[self.rid, -1])
+        except RedisError:
+            task = asyncio.get_running_loop().create_task(self._detach_later(key))
+            self.pending_detach.add(task)
+            task.add_done_callback(self.pending_detach.discard)
+
+    async def _detach_later(self, key: str) -> None:
+        for _ in range(60):
+            await asyncio.sleep(1)
+            try:
+                await self.scripts["listen"](keys=[listeners_key(key), session_key(key)], args=[self.rid, -1])
+                return
+            except RedisError:
+                continue
+        logger.error("session %s: a listener count could not be taken back", sid_of(key))
+
+    async def listeners(self, key: str) -> Listeners:
+        """Readers on replicas whose lease is alive (a dead replica's count is ignored)."""
+        with store_errors("counting listeners"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(listeners_key(key))
+            pipe.time()
+            counts, (seconds, micros) = await pipe.execute()
+            replicas = {k.decode(): int(v) for k, v in counts.items() if k != b"_left" and int(v) > 0}
+            pipe = self.redis.pipeline(transaction=False)
+            for rid in replicas:
+                pipe.exists(lease_key(rid))
+            alive = await pipe.execute() if replicas else []
+        left = counts.get(b"_left")
+        idle = seconds + micros / 1e6 - float(left) if left else None
+        return Listeners(sum(n for n, up in zip(replicas.values(), alive) if up), idle)
+
+    async def delete(self, key: str) -> None:
+        """Forget a session (a request that failed before generating, or a DELETE)."""
+        with store_errors("deleting a session"):
+            await self.redis.delete(*session_keys(key))
+
+    async def owner_alive(self, rid: str) -> bool:
+        with store_errors("reading a lease"):
+            return bool(await self.redis.exists(lease_key(rid)))
+
+
 def store_key(owner: str, session_id: str) -> str:
     """Where a session lives in the stores: inside its owner's namespace when API keys are
     on (D36), so another key can neither read it nor learn that the id is taken."""
@@ -2960,7 +3863,9 @@ class Session:
     job: Job | None = None
     cancel_reason: str = ""
     cancel_event: threading.Event = field(default_factory=threading.Event)  # the job's cancel flag (D6)
+    shared: RedisSessions | None = None  # SESSION_STORE=redis: readers elsewhere count too (D69)
     _timer: asyncio.TimerHandle | None = None
+    _checks: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.key = self.key or self.id
@@ -2981,18 +3886,50 @@ class Session:
     def kind(self) -> str:
         return self.meta.get("kind", "chat")
 
+    @property
+    def remote(self) -> bool:
+        """Generated by another replica: read from Redis, cancelled through it."""
+        return isinstance(self.log, RemoteSessionLog)
+
     def arm_auto_cancel(self, cancel_after: float) -> None:
-        """Background responses run to the end unless cancelled: no timer for them."""
-        if self.meta.get("background"):
+        """Background responses run to the end unless cancelled: no timer for them, nor for
+        another replica's session (its owner keeps the timer, D69)."""
+        if self.meta.get("background") or self.remote:
             return
         if cancel_after > 0 and not self.done.is_set() and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(cancel_after, self._auto_cancel)
+            self._rearm(cancel_after, cancel_after)
 
-    def _auto_cancel(self) -> None:
+    def _rearm(self, delay: float, cancel_after: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._auto_cancel, cancel_after)
+
+    def _auto_cancel(self, cancel_after: float) -> None:
         self._timer = None
-        if self.listeners == 0 and not self.done.is_set():
-            logger.info("session %s auto-cancelled: no listener", self.id)
-            self.cancel("auto")
+        if self.listeners > 0 or self.done.is_set():
+            return
+        if self.shared is None:
+            return self._cancel_unheard()
+        task = asyncio.get_running_loop().create_task(self._auto_cancel_shared(cancel_after))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _auto_cancel_shared(self, cancel_after: float) -> None:
+        """Nobody listens here; ask Redis about the other replicas (D69). Redis unreachable:
+        try again later, never cancel on a guess."""
+        try:
+            heard = await self.shared.listeners(self.key)
+        except StoreUnavailable:
+            return self._rearm(min(cancel_after, 30.0), cancel_after)
+        if self.listeners > 0 or self.done.is_set() or self._timer is not None:
+            return
+        if heard.live > 0:
+            return self._rearm(cancel_after, cancel_after)
+        if heard.idle_for is not None and heard.idle_for < cancel_after:
+            return self._rearm(cancel_after - heard.idle_for, cancel_after)
+        self._cancel_unheard()
+
+    def _cancel_unheard(self) -> None:
+        logger.info("session %s auto-cancelled: no listener", self.id)
+        self.cancel("auto")
 
     def cancel(self, reason: str) -> None:
         """Ask the generation to stop; the reason is what metrics count it under."""
@@ -3008,11 +3945,44 @@ class Session:
 
 
 class SessionRegistry:
-    """Sessions by store key: reservation, lookup (memory, then SQLite), expiry."""
+    """Sessions by store key: reservation, lookup (memory, then SQLite or Redis), expiry."""
 
     def __init__(self, settings: Settings, writer: SQLiteWriter | None):
         self.settings, self.writer = settings, writer
         self.sessions: dict[str, Session] = {}
+        self.shared: RedisSessions | None = None  # SESSION_STORE=redis, after use_redis()
+        self.redis_writer: RedisWriter | None = None
+        self.agent: ReplicaAgent | None = None
+
+    def use_redis(self, loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+        """Share sessions with other replicas through Redis. Nothing connects here: a Redis
+        that is down at startup is retried, and what needs it answers 503 meanwhile (D60)."""
+        s = self.settings
+        rid = s.replica_id or new_replica_id()  # never reused after a restart (D66)
+        on_cancel = partial(self.cancel_requested, worker)
+        self.shared = RedisSessions(s.redis_url, rid, capacity=s.buffer_events, ttl=s.sessions_ttl_seconds,
+                                    lease=s.redis_lease_seconds)
+        self.redis_writer = RedisWriter(s.redis_url, loop, rid, ttl=s.sessions_ttl_seconds, on_cancel=on_cancel,
+                                        degrade_after=1.0 if s.redis_local_fallback else None)
+        self.agent = ReplicaAgent(s.redis_url, rid, loop, on_cancel, lease=s.redis_lease_seconds,
+                                  beat=s.redis_lease_seconds / 3)
+        self.agent.start()
+        logger.info("sessions shared through redis as replica %s", rid)
+
+    def cancel_requested(self, worker: Worker, key: str) -> None:
+        """A cancel for a session this replica generates, asked on any replica (D67); may
+        come more than once."""
+        session = self.sessions.get(key)
+        if session is not None and not session.done.is_set():
+            session.cancel("manual")
+            if session.job is not None:
+                worker.cancel_waiting(session.job)
+
+    async def close_redis(self) -> None:
+        """Write what is queued, drop the lease (what is left here may be closed at once), disconnect."""
+        await asyncio.to_thread(self.redis_writer.close)
+        await asyncio.to_thread(self.agent.close)
+        await self.shared.close()
 
     async def create(self, session_id: str | None, owner: str = "", meta: dict | None = None) -> Session:
         """Reserve an id before any slow work, so two requests cannot both claim it.
@@ -3024,6 +3994,8 @@ class SessionRegistry:
         """
         session_id = session_id or f"sess-{uuid.uuid4().hex}"
         key = store_key(owner, session_id)
+        if self.shared is not None:
+            return await self._create_shared(session_id, key, owner, meta or {})
         persisted = self.writer is not None and await asyncio.to_thread(self._persisted, key)
         if persisted or key in self.sessions:
             raise SessionExists(f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
@@ -3038,6 +4010,17 @@ class SessionRegistry:
             except StoreUnavailable:
                 self.sessions.pop(key, None)
                 raise
+        return session
+
+    async def _create_shared(self, session_id: str, key: str, owner: str, meta: dict) -> Session:
+        """Reserved in Redis first: of two replicas asking for one id, one gets 409 (D68)."""
+        if key in self.sessions:
+            raise SessionExists(f"Session '{session_id}' already exists; resume it with Last-Event-ID.",
+                                param="session_id")
+        self._make_room()
+        await self.shared.reserve(key, key_hash=owner, meta=meta)
+        log = RedisSessionLog(key, self.settings.buffer_events, writer=self.redis_writer, sessions=self.shared)
+        session = self.sessions[key] = Session(session_id, log, key=key, meta=meta, shared=self.shared)
         return session
 
     def _new_log(self, key: str) -> SessionLog:
@@ -3058,11 +4041,16 @@ class SessionRegistry:
         for session in finished[: len(self.sessions) - self.settings.max_sessions + 1]:
             del self.sessions[session.key]
 
-    def discard(self, session: Session) -> None:
+    async def discard(self, session: Session) -> None:
         """Forget a session whose request failed before generation started."""
         self.sessions.pop(session.key, None)
         if self.writer:
             self.writer.submit("DELETE FROM sessions WHERE id=?", (session.key,))
+        if self.shared is not None:
+            try:
+                await self.shared.delete(session.key)
+            except StoreUnavailable:  # it expires with ORPHAN_TTL_SECONDS
+                logger.warning("session %s could not be deleted from redis", session.id)
 
     async def get(self, session_id: str, owner: str = "") -> Session:
         key = store_key(owner, session_id)
@@ -3076,12 +4064,29 @@ class SessionRegistry:
                 if not log.closed:  # it died with an earlier process (see load_persisted)
                     log.end_early(INTERRUPTED, "interrupted")
                 session.done.set()
+        if session is None and self.shared is not None:
+            session = await self._load_shared(session_id, key)
         if session is None:
             raise SessionNotFound(f"Session '{session_id}' not found.")
         return session
 
-    def delete(self, session: Session) -> None:
-        """Forget a session in memory and on disk (its generation must have ended)."""
+    async def _load_shared(self, session_id: str, key: str) -> Session | None:
+        """A session another replica generates or generated. Not cached: its state is a
+        snapshot as of the last read, and another replica may delete it (D65)."""
+        found = await self.shared.load(key)
+        if found is None:
+            return None
+        log, meta = found
+        session = Session(session_id, log, key=key, meta=meta, created=int(log.info.created), shared=self.shared)
+        if log.closed:
+            session.finished_at = log.info.finished or time.time()
+            session.done.set()
+        return session
+
+    async def delete(self, session: Session) -> None:
+        """Forget a session in memory and in its store (its generation must have ended)."""
+        if self.shared is not None:
+            await self.shared.delete(session.key)  # StoreUnavailable (503) before anything is forgotten
         self.sessions.pop(session.key, None)
         if self.writer:
             self.writer.submit("DELETE FROM events WHERE session_id=?", (session.key,))
@@ -3150,19 +4155,41 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
 
     async def events():
         session.attach()
+        counted = await count_listener(session, +1)
         try:
             async for event in session.log.follow(after):
                 first = event.index == after + 1
                 yield sse_event(session, event, retry=SSE_RETRY_MS if first else None)
         except EventsGone:  # this reader fell a whole buffer behind; a reconnect gets 410
             logger.warning("session %s reader fell behind the ring buffer", session.id)
+        except StoreUnavailable as exc:  # Redis gone longer than a follower waits (D65): say so, no [DONE]
+            logger.warning("session %s reader stopped: %s", session.id, exc.message)
+            yield {"data": dumps(error_body(exc.message, "server_error", code="store_unavailable"))}
         finally:
             session.detach(settings.cancel_after_disconnect_seconds)
+            if counted:
+                await count_listener(session, -1)
 
     return EventSourceResponse(events(), ping=settings.sse_ping_seconds, send_timeout=settings.sse_send_timeout_seconds,
                                shutdown_event=state.server_exit, shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
                                headers={"X-Session-Id": session.id, "Cache-Control": "no-cache",
                                         "X-Accel-Buffering": "no"})
+
+
+async def count_listener(session: Session, delta: int) -> bool:
+    """A reader of another replica's session, counted in Redis so that its owner does not
+    auto-cancel it (D69); whether it was counted. The owner counts its own in memory."""
+    if not session.remote:
+        return False
+    if delta < 0:
+        await session.shared.detach(session.key)
+        return True
+    try:
+        await session.shared.attach(session.key)
+        return True
+    except StoreUnavailable:
+        logger.warning("session %s: a reader could not be counted in redis", session.id)
+        return False
 
 
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -3251,7 +4278,7 @@ async def start_session(state: AppState, req: ChatCompletionRequest, owner: str,
     except BaseException:
         state.worker.release(req.n)
         if session is not None:
-            state.sessions.discard(session)
+            await state.sessions.discard(session)
         raise
     session.job = job
     state.worker.submit(job)
@@ -3401,9 +4428,21 @@ async def stop_session(state: AppState, session: Session) -> None:
     if session.done.is_set():
         return
     logger.info("session %s cancel requested", session.id)
+    if session.remote:
+        return await stop_remote(session)
     session.cancel("manual")
     if session.job is None or not state.worker.cancel_waiting(session.job):
         await wait_briefly(session.done, 5.0)
+
+
+async def stop_remote(session: Session) -> None:
+    """Ask the owner through Redis (D67), then follow the log to its end, 5 s at most."""
+    if await session.shared.cancel(session.key) is None:
+        raise SessionNotFound(f"Session '{session.id}' not found.")
+    try:
+        await asyncio.wait_for(session.log.wait_drained(), 5.0)
+    except TimeoutError:
+        pass
 
 
 async def response_session(state: AppState, response_id: str, owner: str) -> Session:
@@ -3511,7 +4550,7 @@ async def delete_response(request: Request, response_id: str) -> dict:
     state = state_of(request)
     session = await response_session(state, response_id, owner_of(request))
     await stop_session(state, session)
-    state.sessions.delete(session)
+    await state.sessions.delete(session)
     logger.info("response %s deleted", response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
@@ -3784,7 +4823,7 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     loop = asyncio.get_running_loop()
     models = ModelManager(settings)
-    writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.persist_sessions else None
+    writer = SQLiteWriter(settings.sessions_db_path, loop) if settings.store == "sqlite" else None
     if writer:
         interrupted = await asyncio.to_thread(close_interrupted, writer)
         try:  # wait until those closes are committed, so no lookup races them
@@ -3795,6 +4834,8 @@ async def lifespan(app: FastAPI):
     metrics: Metrics = app.state.metrics
     state = AppState(settings, models, SessionRegistry(settings, writer), Worker(models, settings, metrics, loop),
                      writer, metrics, anyio.Event())
+    if settings.store == "redis":
+        state.sessions.use_redis(loop, state.worker)
     watch_gauges(metrics, state)
     app.state.server = state
     if settings.preload_model:
@@ -3840,6 +4881,8 @@ async def shutdown(state: AppState) -> None:
     state.worker.stop()
     if state.writer:
         await asyncio.to_thread(state.writer.close)
+    if state.sessions.shared is not None:
+        await state.sessions.close_redis()
     logger.info("shutdown complete")
 
 
