@@ -3,6 +3,7 @@
     python bench/run.py                  # tiny checkpoint built on the fly
     MODEL_REPO_ID=/path/to/model python bench/run.py --reps 5
     python bench/run.py --quick          # smoke run (used by the test suite)
+    python bench/run.py --redis          # SESSION_STORE=redis against memory and raw (needs redis-server)
 
 Writes bench/results/latest.json and latest.md (a markdown table) and prints the table.
 Every figure is the median of --reps repetitions, shown next to its reference as a ratio.
@@ -61,7 +62,7 @@ class Server:
         port = free_port()
         full_env = {**os.environ, "MODEL_REPO_ID": model, "HOST": "127.0.0.1", "PORT": str(port),
                     "PRELOAD_MODEL": "1", "LOG_LEVEL": "warning", "MAX_QUEUE": "64", **env}
-        name = "ours-sqlite" if env.get("PERSIST_SESSIONS") == "1" else "ours"
+        name = "ours-sqlite" if env.get("PERSIST_SESSIONS") == "1" else f"ours-{env.get('SESSION_STORE', 'memory')}"
         return cls(name, [sys.executable, str(ROOT / "main.py")], full_env, port, model)
 
     @classmethod
@@ -207,6 +208,15 @@ def p4_resume(server: Server, reps: int, events: int) -> dict:
             "last_byte_ms": median([r["total"] for r in replays]) * 1000}
 
 
+def replay(server: Server, sid: str, reps: int) -> dict:
+    """A whole finished session streamed again from index 0: first and last byte."""
+    runs = [asyncio.run(stream_once(server, None, method="GET", path=f"/v1/chat/completions/{sid}",
+                                    params={"stream": "true"}, headers={"Last-Event-ID": f"{sid}:-1"}))
+            for _ in range(reps)]
+    return {"events": runs[0]["events"], "first_byte_ms": median([r["first_byte"] for r in runs]) * 1000,
+            "last_byte_ms": median([r["total"] for r in runs]) * 1000}
+
+
 def p5_memory(server: Server, sessions: int) -> dict:
     before = server.proc_status()
 
@@ -262,6 +272,56 @@ def run(args) -> dict:
                                             "p2": p2_ttft(peer, args.reps),
                                             "p3": p3_concurrency(peer, args.reps, args.stream_tokens)}
     return result
+
+
+def run_redis(args) -> dict:
+    """SESSION_STORE=redis (two replicas, one redis-server) against raw generate and memory:
+    P1 one stream, a finished session replayed on another replica vs on its owner, 8
+    concurrent streams."""
+    from helpers import RedisServer
+
+    model = os.environ.get("MODEL_REPO_ID") or build_model()
+    raw = json.loads(subprocess.run([sys.executable, str(BENCH / "raw.py"), model, str(args.reps), str(args.tokens)],
+                                    check=True, capture_output=True, text=True, cwd=BENCH).stdout.splitlines()[-1])
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": model, "reps": args.reps,
+              "raw": raw}
+    with Server.ours(model) as memory:
+        result["memory"] = {"p1": p1_throughput(memory, args.reps, args.tokens),
+                            "c8": asyncio.run(concurrent(memory, 8, args.stream_tokens))}
+    redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))).start()
+    try:
+        env = {"SESSION_STORE": "redis", "REDIS_URL": redis_server.url}
+        with Server.ours(model, **env) as a, Server.ours(model, **env) as b:
+            sid = f"bench-replay-{time.time_ns()}"
+            asyncio.run(stream_once(a, chat_body(args.replay_events, session_id=sid)))
+            result["redis"] = {"p1": p1_throughput(a, args.reps, args.tokens),
+                               "replay_owner": replay(a, sid, args.reps * 3),
+                               "replay_other": replay(b, sid, args.reps * 3),
+                               "c8": asyncio.run(concurrent(a, 8, args.stream_tokens))}
+    finally:
+        redis_server.stop()
+    return result
+
+
+def redis_table(r: dict) -> str:
+    raw, mem, red = r["raw"]["tokens_per_s"], r["memory"], r["redis"]
+    own, other = red["replay_owner"], red["replay_other"]
+    rows = [("P1 one stream, tok/s: redis / raw generate", f"{red['p1']['tokens_per_s']:.1f} / {raw:.1f}",
+             red["p1"]["tokens_per_s"] / raw),
+            ("P1 one stream, tok/s: redis / memory", f"{red['p1']['tokens_per_s']:.1f} / {mem['p1']['tokens_per_s']:.1f}",
+             red["p1"]["tokens_per_s"] / mem["p1"]["tokens_per_s"]),
+            (f"replay of {own['events']} events, first byte ms: other replica / owner",
+             f"{other['first_byte_ms']:.1f} / {own['first_byte_ms']:.1f}", other["first_byte_ms"] / own["first_byte_ms"]),
+            (f"replay of {own['events']} events, last byte ms: other replica / owner",
+             f"{other['last_byte_ms']:.1f} / {own['last_byte_ms']:.1f}", other["last_byte_ms"] / own["last_byte_ms"]),
+            ("8 streams, aggregate tok/s: redis / memory",
+             f"{red['c8']['aggregate_tokens_per_s']:.1f} / {mem['c8']['aggregate_tokens_per_s']:.1f}",
+             red["c8"]["aggregate_tokens_per_s"] / mem["c8"]["aggregate_tokens_per_s"]),
+            ("8 streams, TTFT p50 ms: redis / memory", f"{red['c8']['ttft_p50_ms']:.1f} / {mem['c8']['ttft_p50_ms']:.1f}",
+             red["c8"]["ttft_p50_ms"] / mem["c8"]["ttft_p50_ms"])]
+    lines = [f"SESSION_STORE=redis, {r['date']}, {r['machine']}, reps {r['reps']}", "",
+             "| measure | values | ratio |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {name} | {values} | {ratio:.2f} |" for name, values, ratio in rows]) + "\n"
 
 
 def machine() -> str:
@@ -326,11 +386,19 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000, help="P5 session count")
     parser.add_argument("--skip-transformers-serve", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: few reps, short streams")
+    parser.add_argument("--redis", action="store_true", help="SESSION_STORE=redis vs memory and raw generate only")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens, args.stream_tokens, args.replay_events, args.sessions = 1, 32, 16, 50, 20
         args.skip_transformers_serve = True
+    if args.redis:
+        result = run_redis(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "latest-redis.json").write_text(json.dumps(result, indent=2))
+        (args.out / "latest-redis.md").write_text(redis_table(result))
+        print(redis_table(result))
+        return
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(result, indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerFactory, ServerProcess
+from helpers import RedisServer, ServerFactory, ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,20 @@ def strict(make_module_server):
     return make_module_server(max_request_bytes=200_000, max_image_pixels=100 * 100, max_images_per_request=2,
                               max_videos_per_request=1, max_video_bytes=60_000, max_video_seconds=1.0,
                               private_media_networks="127.0.0.2/32")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port, for one test (never a mock)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def durable_redis(tmp_path):
+    """A redis-server that writes every command to its AOF before answering, so a kill -9
+    and a start on the same directory keep whatever it acknowledged."""
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    yield server
+    server.stop()

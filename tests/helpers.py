@@ -16,10 +16,12 @@ Waiting is done on state (the session's GET status, /metrics, /health, log lines
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,3 +373,118 @@ def image_message(url: str) -> list[dict]:
 
 def video_message(url: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]
+
+
+# ----------------------------------------------------------------------------- redis
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """`redis-server` on a free port in its own directory; stop() and start() keep both, so
+    a restart is the same server to clients (and, when persistent, keeps its data).
+
+    `--stream-node-max-entries 16` makes `MAXLEN ~ n` trim within a few hundred events."""
+
+    def __init__(self, directory: Path, persistent: bool = False):
+        self.directory, self.persistent = directory, persistent
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
+             "--dir", str(self.directory), "--stream-node-max-entries", "16", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.02)
+        raise AssertionError(f"redis-server on {self.port} did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.proc.wait(10)
+        self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
+
+class Replica:
+    """One server replica as the Redis store sees it: its own clients, writer thread and
+    agent thread, on the test's event loop. `cancelled` records when each cancel reached it."""
+
+    def __init__(self, url: str, *, capacity: int = 1000, ttl: float = 60.0, lease: float = 1.0, beat: float = 0.25,
+                 block: float = 0.5, degrade_after: float | None = 0.5, agent: bool = True):
+        import main
+
+        loop = asyncio.get_running_loop()
+        self.rid, self.capacity = main.new_replica_id(), capacity
+        self.cancelled: dict[str, float] = {}
+        self.sessions = main.RedisSessions(url, self.rid, capacity=capacity, ttl=ttl, lease=lease, block=block)
+        self.writer = main.RedisWriter(url, loop, self.rid, ttl=ttl, on_cancel=self._on_cancel,
+                                       degrade_after=degrade_after)
+        self.agent = main.ReplicaAgent(url, self.rid, loop, self._on_cancel, lease=lease, beat=beat)
+        if agent:
+            self.agent.start()
+
+    def _on_cancel(self, key: str) -> None:
+        self.cancelled.setdefault(key, time.monotonic())
+
+    async def create(self, key: str, meta: dict | None = None):
+        import main
+
+        await self.sessions.reserve(key, key_hash="kh", meta=meta)
+        return main.RedisSessionLog(key, self.capacity, writer=self.writer, sessions=self.sessions)
+
+    def crash(self) -> None:
+        """Stop the heartbeat without a word, as a killed process would: the lease lapses."""
+        self.agent.stopping.set()
+        self.agent.thread.join(5)
+
+    async def close(self) -> None:
+        self.writer.close()
+        if self.agent.thread.is_alive():
+            self.agent.close()
+        await self.sessions.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
+    """wait_until for coroutines: poll state on the loop; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def deliver(log, datas: list[str]) -> None:
+    """One outbox delivery: appends in one loop iteration, then let the loop turn."""
+    for data in datas:
+        log.append(data)
+    await asyncio.sleep(0)
+
+
+async def collect(events) -> list:
+    return [event async for event in events]
+
+
+def stored(client, key: str) -> list[tuple[str, int, str]]:
+    """(entry id, index field, data) of every entry of a session's stream."""
+    import main
+
+    return [(i.decode(), int(f[b"i"]), f[b"d"].decode()) for i, f in client.xrange(main.events_key(key))]

@@ -136,8 +136,9 @@ def test_cancelled_row_stops_while_others_continue(batched):
 
     results = in_threads([lambda b=b: stream_events(batched.base_url, b)[2] for b in bodies], cancel_middle_row)
     assert statuses == ["cancelled"]
-    finishes = [json.loads(results[i][-2]["data"])["choices"][0]["finish_reason"] for i in range(3)]
-    assert finishes == ["length", "cancelled", "length"]
+    finals = [json.loads(results[i][-2]["data"])["choices"][0] for i in range(3)]
+    assert [c["finish_reason"] for c in finals] == ["length", "stop", "length"]
+    assert [c.get("end_reason") for c in finals] == [None, "cancelled", None]
     cancelled = httpx.get(batched.base_url + "/v1/chat/completions/row-1").json()
     assert cancelled["usage"]["completion_tokens"] < 400
 
@@ -146,8 +147,8 @@ def test_row_whose_media_fails_late_fails_alone(batched, monkeypatch):
     """Corrupt one request's vision grid after preprocessing: the real vision tower rejects it in prefill."""
     original = main.tokenize
 
-    def corrupting(processor, messages, *rest):
-        prompt, inputs = original(processor, messages, *rest)
+    def corrupting(*args):
+        prompt, inputs = original(*args)
         if "CORRUPT" in prompt:
             inputs["image_grid_thw"] = inputs["image_grid_thw"] * 3
         return prompt, inputs

@@ -148,3 +148,48 @@ def test_sigterm_stops_a_running_non_streamed_generation(tiny_model_dir, tmp_pat
     assert time.monotonic() - started < 15
     assert answers and answers[0].status_code == 200
     assert answers[0].json()["status"] == "cancelled"
+
+
+def test_cancelled_and_timeout_keep_finish_reason_in_the_spec_enum(make_server):
+    """finish_reason "cancelled" and "timeout" were outside OpenAI's enum and broke
+    strictly typed clients. Verified: the chunk and the body validate against the openai
+    package's own types; the real reason rides in `end_reason`; the status stays."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    srv = make_server(preload_model=True, generation_timeout_seconds=0.3)
+    wait_ready(srv.base_url)
+    _, _, events = stream_events(srv.base_url, long_request(session_id="slow", max_tokens=3000))
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e["data"])) for e in events[:-1]]
+    final = chunks[-1].choices[0]
+    assert final.finish_reason == "length" and final.model_extra["end_reason"] == "timeout"
+    body = httpx.get(srv.base_url + "/v1/chat/completions/slow").json()
+    completion = ChatCompletion.model_validate(body)
+    assert completion.choices[0].finish_reason == "length" and body["choices"][0]["end_reason"] == "timeout"
+    assert completion.choices[0].message.refusal is None
+
+
+def test_result_does_not_depend_on_the_replay_ring(make_server):
+    """SESSION_BUFFER_EVENTS below a response's event count made the non-streamed POST run
+    the whole generation and then answer 410, and the GET result 410 too. Verified: both
+    are whole (the live session keeps its result), and equal."""
+    srv = make_server(preload_model=True, session_buffer_events=4, stream_interval_ms=0)
+    wait_ready(srv.base_url)
+    body = {**long_request(session_id="tiny-ring", max_tokens=60), "stream": False}
+    response = post(srv.base_url, body)
+    assert response.status_code == 200, response.text
+    again = httpx.get(srv.base_url + "/v1/chat/completions/tiny-ring")
+    assert again.status_code == 200 and again.json()["choices"] == response.json()["choices"]
+    assert response.json()["usage"]["completion_tokens"] == 60
+
+
+def test_models_and_errors_validate_against_the_openai_types(base_url, tiny_model_dir):
+    """A spec regression in these shapes fails CI (extra fields allowed)."""
+    from openai.types import Model
+    from openai.types.shared import ErrorObject
+
+    listed = httpx.get(base_url + "/v1/models").json()
+    assert listed["object"] == "list" and [Model.model_validate(m).id for m in listed["data"]] == [str(tiny_model_dir)]
+    Model.model_validate(httpx.get(f"{base_url}/v1/models/{tiny_model_dir}").json())
+    for response in (post(base_url, {"messages": []}), httpx.get(base_url + "/v1/chat/completions/none-such"),
+                     post(base_url, {"messages": TEXT, "temperature": 9})):
+        ErrorObject.model_validate(response.json()["error"])

@@ -1,5 +1,5 @@
 """Bounds on one generation: GENERATION_TIMEOUT_SECONDS ends a runaway stream with
-finish_reason "timeout"; CONTEXT_OVERFLOW=truncate drops the oldest turns (and says how
+finish_reason "length" with end_reason "timeout"; CONTEXT_OVERFLOW=truncate drops the oldest turns (and says how
 many), and a single turn too long for the context is still a 400."""
 
 import json
@@ -12,7 +12,8 @@ from helpers import assert_error, final_choice, long_request, post, stream_event
 def test_generation_timeout_ends_a_runaway_stream_with_a_clear_finish(make_server):
     srv = make_server(generation_timeout_seconds=0.3)
     _, _, events = stream_events(srv.base_url, long_request(max_tokens=3000, session_id="runaway"))
-    assert final_choice(events)["finish_reason"] == "timeout" and events[-1]["data"] == "[DONE]"
+    final = final_choice(events)
+    assert (final["finish_reason"], final["end_reason"]) == ("length", "timeout") and events[-1]["data"] == "[DONE]"
     body = httpx.get(srv.base_url + "/v1/chat/completions/runaway").json()
     assert 0 < body["usage"]["completion_tokens"] < 3000
 

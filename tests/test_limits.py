@@ -49,16 +49,18 @@ def test_image_in_unsupported_format_is_400(strict):
     assert_error(post(strict.base_url, {"messages": image_message(url)}), 400, "invalid_image")
 
 
-def test_too_many_images_is_413(strict):
+def test_too_many_images_is_400(strict):
+    """Issue #15: too many images was a 413 where clients expect 400; the code stays too_many_images."""
     part = {"type": "image_url", "image_url": {"url": png_data_uri(size=(32, 32))}}
     body = {"messages": [{"role": "user", "content": [part, part, part]}]}
-    assert_error(post(strict.base_url, body), 413, "too_many_images")
+    assert_error(post(strict.base_url, body), 400, "too_many_images")
 
 
-def test_too_many_videos_is_413(strict):
+def test_too_many_videos_is_400(strict):
+    """Issue #15: like images, too many videos is a 400 with code too_many_videos."""
     part = {"type": "video_url", "video_url": {"url": mp4_data_uri(frames=4)}}
     body = {"messages": [{"role": "user", "content": [part, part]}]}
-    assert_error(post(strict.base_url, body), 413, "too_many_videos")
+    assert_error(post(strict.base_url, body), 400, "too_many_videos")
 
 
 def test_video_longer_than_limit_is_413(strict):

@@ -50,7 +50,8 @@ def logprob_values(choice: dict) -> list[float]:
 
 
 def reassembled(events: list[dict]) -> tuple[dict[int, tuple], dict]:
-    """Per choice index (reasoning, content, finish reason) from the chunks; and the usage."""
+    """Per choice index (reasoning, content, end reason: end_reason, else finish_reason) from the
+    chunks; and the usage."""
     parts: dict[int, list] = {}
     usage = None
     for event in events[:-1]:
@@ -60,7 +61,7 @@ def reassembled(events: list[dict]) -> tuple[dict[int, tuple], dict]:
             mine = parts.setdefault(choice["index"], ["", "", None])
             mine[0] += choice["delta"].get("reasoning_content") or ""
             mine[1] += choice["delta"].get("content") or ""
-            mine[2] = choice["finish_reason"] or mine[2]
+            mine[2] = choice.get("end_reason") or choice["finish_reason"] or mine[2]
     assert events[-1]["data"] == "[DONE]"
     return {i: (r or None, c, f) for i, (r, c, f) in parts.items()}, usage
 
@@ -146,7 +147,7 @@ def test_cancel_stops_every_choice(srv):
     choices, _ = reassembled(events)
     assert cancelled == ["cancelled"] and [choices[i][2] for i in range(3)] == ["cancelled"] * 3
     result = httpx.get(srv.base_url + "/v1/chat/completions/three-choices").json()
-    assert result["status"] == "cancelled" and [c["finish_reason"] for c in result["choices"]] == ["cancelled"] * 3
+    assert result["status"] == "cancelled" and [c["end_reason"] for c in result["choices"]] == ["cancelled"] * 3
     assert result["usage"]["completion_tokens"] < 3 * 3000
 
 

@@ -167,8 +167,8 @@ def test_previous_response_id_chains_two_turns_into_the_prompt(tiny_model_dir, m
     prompts = []
     original = main.tokenize
 
-    def recording(processor, messages, *rest):
-        prompt, inputs = original(processor, messages, *rest)
+    def recording(*args):
+        prompt, inputs = original(*args)
         prompts.append(prompt)
         return prompt, inputs
 

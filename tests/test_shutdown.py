@@ -22,7 +22,7 @@ def test_sigterm_finishes_streams_with_a_final_event_and_flushes_sqlite(tiny_mod
     reader.join(timeout=30)
     events = seen["events"]
     assert events[-1]["data"] == "[DONE]"
-    assert final_choice(events)["finish_reason"] == "cancelled"
+    assert (final_choice(events)["finish_reason"], final_choice(events)["end_reason"]) == ("stop", "cancelled")
     again = ServerProcess(tiny_model_dir, tmp_path / "server2.log", **env).start()
     try:
         _, _, replay = stream_events(again.base_url, method="GET", path="/v1/chat/completions/at-shutdown",

@@ -18,11 +18,10 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import InProcessServer, joined_text, stream_events, wait_ready
+from helpers import SAY_HELLO, joined_text, stream_events, wait_ready
 
 CLOSE = 401  # </think> in tests/tiny_model.py's vocabulary (checked in the fixture)
 EOS = 2
-SAY_HELLO = [{"role": "user", "content": "Say hello."}]
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
     "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -49,14 +48,13 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_model_dir):
+def srv(make_module_server, tiny_model_dir):
+    """Room for a hundred requests at once: 16 decode together, the rest queue."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tokenizer.convert_tokens_to_ids(["</think>", "<|im_end|>"]) == [CLOSE, EOS]
-    with InProcessServer(tiny_model_dir, preload_model=True, max_batch_size=16, max_queue=128) as server:
-        wait_ready(server.base_url)
-        yield server
+    return make_module_server(max_batch_size=16, max_queue=128)
 
 
 @pytest.fixture(scope="module")
@@ -170,19 +168,17 @@ def test_reasoning_budget_forces_the_answer(srv):
     assert effort["reasoning"] == "" and effort["usage"]["completion_tokens_details"]["reasoning_tokens"] == 1
 
 
-def test_reasoning_is_sent_under_both_names_unless_a_field_is_turned_off(srv, tiny_model_dir):
+def test_reasoning_is_sent_under_both_names_unless_a_field_is_turned_off(srv, make_server):
     events = stream_events(srv.base_url, {"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12, "stream": True})[2]
     assert joined_text(events, "reasoning") == joined_text(events, "reasoning_content") != ""
     reply = httpx.post(srv.base_url + "/v1/chat/completions",
                        json={"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12}).json()
     message = reply["choices"][0]["message"]
     assert message["reasoning"] == message["reasoning_content"] == joined_text(events, "reasoning")
-    with InProcessServer(tiny_model_dir, preload_model=True, reasoning_fields="reasoning") as only:
-        wait_ready(only.base_url)
-        events = stream_events(only.base_url, {"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12,
-                                               "stream": True})[2]
-        reply = httpx.post(only.base_url + "/v1/chat/completions",
-                           json={"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12}).json()
+    only = make_server(reasoning_fields="reasoning")
+    events = stream_events(only.base_url, {"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12, "stream": True})[2]
+    reply = httpx.post(only.base_url + "/v1/chat/completions",
+                       json={"messages": SAY_HELLO, "temperature": 0, "max_tokens": 12}).json()
     assert joined_text(events, "reasoning_content") == "" and joined_text(events, "reasoning") != ""
     assert "reasoning_content" not in reply["choices"][0]["message"] and reply["choices"][0]["message"]["reasoning"]
 
@@ -217,3 +213,18 @@ def test_responses_text_format_json_schema_and_sdk_parse(client):
     parsed = client.responses.parse(model="m", input="Say hello.", text_format=Person, max_output_tokens=600,
                                     extra_body={"seed": 12, "max_reasoning_tokens": 8})
     assert isinstance(parsed.output_parsed, Person)
+
+
+def test_reasoning_tokens_survive_a_restart_with_sqlite(tiny_model_dir, tmp_path):
+    """The Outcome keeps reasoning_tokens in SQLite: a body read after a restart reports them."""
+    from helpers import InProcessServer
+
+    db = str(tmp_path / "sessions.db")
+    never = {"messages": SAY_HELLO, "max_tokens": 12, "seed": 9, "logit_bias": {str(CLOSE): -100},
+             "max_reasoning_tokens": 3, "session_id": "budgeted"}
+    with InProcessServer(tiny_model_dir, preload_model=True, session_store="sqlite", sessions_db_path=db) as first:
+        wait_ready(first.base_url)
+        before = httpx.post(first.base_url + "/v1/chat/completions", json=never).json()["usage"]
+    with InProcessServer(tiny_model_dir, session_store="sqlite", sessions_db_path=db) as second:
+        after = httpx.get(second.base_url + "/v1/chat/completions/budgeted").json()["usage"]
+    assert before == after and after["completion_tokens_details"]["reasoning_tokens"] == 4

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from main import (TextPipeline, ToolCallArguments, ToolCallEnd, ToolCallParser, ToolCallStart, chunk_delta,
-                  merge_pieces, merge_tool_call_deltas)
+from main import (Delta, TextPipeline, ToolCallArguments, ToolCallEnd, ToolCallParser, ToolCallStart, chunk_delta,
+                  merge_deltas, merge_tool_call_deltas, piece_delta)
 
 ONE = 'Let me check.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
 PARALLEL = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
@@ -30,11 +30,16 @@ def ids():
     return lambda: f"call_{next(count)}"
 
 
-def parse(pieces: list[str]) -> list[tuple[str, object]]:
+def merged(pieces: list[tuple[str, object]]) -> list[Delta]:
+    """Pieces as the worker posts them, merged as the outbox delivers them."""
+    return merge_deltas([piece_delta(kind, value) for kind, value in pieces])
+
+
+def parse(pieces: list[str]) -> list[Delta]:
     """Feed pieces and flush; runs of content and of one call's argument text are merged
     (how text is cut into events may change with the pieces, the text may not)."""
     parser = ToolCallParser(ids())
-    return merge_pieces([e for piece in pieces for e in parser.feed(piece)] + parser.flush())
+    return merged([e for piece in pieces for e in parser.feed(piece)] + parser.flush())
 
 
 def cut(text: str, points: list[int]) -> list[str]:
@@ -42,14 +47,14 @@ def cut(text: str, points: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def content(events) -> str:
-    return "".join(v for k, v in events if k == "content")
+def content(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas if d.kind == "content")
 
 
-def calls(events) -> list[dict]:
-    """message.tool_calls as the chat shaper's deltas add up to."""
-    deltas = [chunk_delta(k, v, ()) for k, v in events if k == "tool_call"]
-    return merge_tool_call_deltas([entry for delta in deltas if delta for entry in delta["tool_calls"]])
+def calls(deltas: list[Delta]) -> list[dict]:
+    """message.tool_calls as the chat shaper's chunks add up to."""
+    chunks = [chunk_delta(d, ()) for d in deltas if d.kind == "tool_call"]
+    return merge_tool_call_deltas([entry for chunk in chunks for entry in chunk.get("tool_calls", [])])
 
 
 def test_one_call_after_text():
@@ -57,7 +62,7 @@ def test_one_call_after_text():
     assert content(events) == "Let me check."
     assert calls(events) == [{"id": "call_0", "type": "function", "function": {
         "name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]
-    assert isinstance(events[-1][1], ToolCallEnd)
+    assert isinstance(events[-1].call, ToolCallEnd)
 
 
 def test_parallel_calls_get_indexes_and_no_content():
@@ -65,7 +70,7 @@ def test_parallel_calls_get_indexes_and_no_content():
     assert content(events) == ""
     assert [c["function"]["name"] for c in calls(events)] == ["get_weather", "add"]
     assert calls(events)[1]["function"]["arguments"] == '{"a": 1, "b": [2, {"c": "}"}]}'
-    assert [v.index for k, v in events if isinstance(v, ToolCallStart)] == [0, 1]
+    assert [d.call.index for d in events if isinstance(d.call, ToolCallStart)] == [0, 1]
 
 
 def test_tags_and_braces_inside_strings_and_near_misses_stay_where_they_belong():
@@ -87,13 +92,13 @@ def test_keys_in_another_order_parse_at_the_close():
 
 
 def test_a_block_that_is_not_a_call_goes_to_content_verbatim():
-    assert parse([BROKEN]) == [("content", BROKEN)]
+    assert parse([BROKEN]) == [Delta("content", BROKEN)]
 
 
 def test_unclosed_call_ends_with_the_generation():
     events = parse([UNCLOSED])
     assert content(events) == "x" and calls(events)[0]["function"]["arguments"] == '{"a": [1, 2'
-    assert isinstance(events[-1][1], ToolCallEnd)
+    assert isinstance(events[-1].call, ToolCallEnd)
 
 
 def test_scalar_arguments_end_before_the_closing_brace():
@@ -101,18 +106,27 @@ def test_scalar_arguments_end_before_the_closing_brace():
 
 
 def test_partial_open_tag_at_the_end_is_content():
-    assert parse(["see <tool_c"]) == [("content", "see <tool_c")]
+    assert parse(["see <tool_c"]) == [Delta("content", "see <tool_c")]
 
 
 def test_chunk_deltas_have_openai_shape():
-    assert chunk_delta("tool_call", ToolCallStart(0, "call_0", "f"), ()) == {"tool_calls": [
+    assert chunk_delta(piece_delta("tool_call", ToolCallStart(0, "call_0", "f")), ()) == {"tool_calls": [
         {"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": ""}}]}
-    assert chunk_delta("tool_call", ToolCallArguments(0, "{}"), ()) == {"tool_calls": [
+    assert chunk_delta(piece_delta("tool_call", ToolCallArguments(0, "{}")), ()) == {"tool_calls": [
         {"index": 0, "function": {"arguments": "{}"}}]}
-    assert chunk_delta("tool_call", ToolCallEnd(0), ()) is None
-    assert chunk_delta("reasoning_content", "hm", ("reasoning_content", "reasoning")) == {
+    assert chunk_delta(piece_delta("tool_call", ToolCallEnd(0)), ()) == {}
+    assert chunk_delta(Delta("reasoning_content", "hm"), ("reasoning_content", "reasoning")) == {
         "reasoning_content": "hm", "reasoning": "hm"}
-    assert chunk_delta("reasoning_content", "hm", ()) is None
+    assert chunk_delta(Delta("reasoning_content", "hm"), ()) == {}
+
+
+def test_argument_text_of_one_call_merges_but_calls_and_choices_stay_apart():
+    deltas = [piece_delta("tool_call", ToolCallArguments(0, "{")), piece_delta("tool_call", ToolCallArguments(0, "}")),
+              piece_delta("tool_call", ToolCallEnd(0)), piece_delta("tool_call", ToolCallStart(1, "c", "g")),
+              piece_delta("tool_call", ToolCallArguments(1, "[")), piece_delta("tool_call", ToolCallArguments(0, "x"), 1)]
+    assert [d.call for d in merge_deltas(deltas)] == [ToolCallArguments(0, "{}"), ToolCallEnd(0),
+                                                      ToolCallStart(1, "c", "g"), ToolCallArguments(1, "["),
+                                                      ToolCallArguments(0, "x")]
 
 
 @pytest.mark.parametrize("text", OUTPUTS)
@@ -164,13 +178,13 @@ def test_pipeline_parses_content_only_never_reasoning():
     whole = None
     for a in range(1, len(raw), 5):
         pipeline = TextPipeline([], reasoning=True, tools=True)
-        pieces = merge_pieces(pipeline.feed(raw[:a]) + pipeline.feed(raw[a:]) + pipeline.flush())
-        assert pieces[0] == ("reasoning_content", "I could write <tool_call> here.")
-        assert content(pieces) == "" and len(calls(pieces)) == 2 and pipeline.called
-        whole = whole or pieces
-        assert [(k, v) for k, v in pieces if k != "tool_call"] == [(k, v) for k, v in whole if k != "tool_call"]
+        deltas = merged(pipeline.feed(raw[:a]) + pipeline.feed(raw[a:]) + pipeline.flush())
+        assert deltas[0] == Delta("reasoning_content", "I could write <tool_call> here.")
+        assert content(deltas) == "" and len(calls(deltas)) == 2 and pipeline.called
+        whole = whole or deltas
+        assert [d for d in deltas if d.kind != "tool_call"] == [d for d in whole if d.kind != "tool_call"]
 
 
 def test_pipeline_without_tools_leaves_tags_in_the_content():
     pipeline = TextPipeline([], reasoning=False)
-    assert merge_pieces(pipeline.feed(ONE) + pipeline.flush()) == [("content", ONE)] and not pipeline.called
+    assert merged(pipeline.feed(ONE) + pipeline.flush()) == [Delta("content", ONE)] and not pipeline.called

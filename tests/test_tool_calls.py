@@ -14,9 +14,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 import main
-from conftest import InProcessServer, wait_ready
+from helpers import SAY_HELLO
 
-SAY_HELLO = [{"role": "user", "content": "Say hello."}]
 WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                                       "unit": {"enum": ["c", "f"]}},
                       "required": ["city", "unit"], "additionalProperties": False}
@@ -39,10 +38,8 @@ class GetWeather(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_model_dir):
-    with InProcessServer(tiny_model_dir, preload_model=True, max_batch_size=16, max_queue=64) as server:
-        wait_ready(server.base_url)
-        yield server
+def srv(make_module_server):
+    return make_module_server(max_batch_size=16, max_queue=64)
 
 
 @pytest.fixture(scope="module")
