@@ -147,7 +147,8 @@ def test_failure_during_generation_becomes_error_event_then_done(make_server):
     assert events[-1]["data"] == "[DONE]"
     assert '"generation_failed"' in events[-2]["data"]
     calls.clear()
-    response = post(srv.base_url, {"messages": HI, "max_tokens": 20})
+    # ignore_eos: a sampled EOS at the first token would end the run before the 4th step fails
+    response = post(srv.base_url, {"messages": HI, "max_tokens": 20, "ignore_eos": True})
     error = assert_error(response, 500, "generation_failed")
     assert "device fell off" not in error["message"]
     assert post(srv.base_url, {"messages": HI, "max_tokens": 2}).status_code == 200

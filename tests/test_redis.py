@@ -145,10 +145,11 @@ def test_a_reader_on_another_replica_keeps_the_owner_from_auto_cancelling(replic
     reader through Redis and keeps generating; once B's reader leaves too, A auto-cancels."""
     a, b = replicas
     sid = "redis-listeners"
-    stream_events(a.base_url, long_request(session_id=sid, max_tokens=3000), limit=2)
+    stream_events(a.base_url, long_request(session_id=sid, max_tokens=8000), limit=2)
     read_for(b.base_url, sid, CANCEL_AFTER * 2)
     assert get_completion(a.base_url, sid)["status"] == "in_progress"
-    wait_status(a.base_url, sid, {"cancelled"}, timeout=CANCEL_AFTER * 4)
+    # generous: the idle time is read from replica heartbeats, which a loaded box delays
+    wait_status(a.base_url, sid, {"cancelled"}, timeout=CANCEL_AFTER * 12)
 
 
 def test_delete_through_another_replica(replicas):
