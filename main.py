@@ -5046,7 +5046,7 @@ def parse_last_event_id(request: Request) -> tuple[str, int] | None:
     return match["sid"], int(match["idx"])
 
 
-def sse_response(state: AppState, session: Session, after: int) -> EventSourceResponse:
+def sse_response(state: AppState, session: Session, after: int) -> EventSourceResponse | Response:
     """A reader of the session's log: replay after `after`, then follow live events.
 
     It knows nothing of shutdown: the app's one watcher ends the generations, and with
@@ -5056,6 +5056,9 @@ def sse_response(state: AppState, session: Session, after: int) -> EventSourceRe
         raise invalid(f"Index {after} is beyond the session's last event.", "Last-Event-ID", "invalid_last_event_id")
     if after + 1 < session.log.oldest_kept:
         raise EventsGone(f"Events after {after} are no longer kept.", param="Last-Event-ID")
+    if session.log.drained and after == session.log.next_index - 1:
+        # nothing will ever follow [DONE]: 204 is how the HTML spec tells EventSource to stop (D39)
+        return Response(status_code=204, headers={"X-Session-Id": session.id})
     settings = state.settings
 
     async def events():
@@ -5205,9 +5208,6 @@ async def resume(state: AppState, session_id: str | None, point: tuple[str, int]
     session = await state.sessions.get(sid, owner)
     logger.info("session %s resume after %d", sid, after)
     state.metrics.resumes.inc()
-    if session.log.drained and after == session.log.next_index - 1:
-        # nothing will ever follow [DONE]: 204 is how the HTML spec tells EventSource to stop (D39)
-        return Response(status_code=204, headers={"X-Session-Id": session.id})
     return sse_response(state, session, after)
 
 
@@ -5439,8 +5439,6 @@ async def get_response(request: Request, response_id: str, stream: bool = False,
     after = response_cursor(request, starting_after)
     logger.info("response %s stream after %d", response_id, after)
     state.metrics.resumes.inc()
-    if session.log.drained and after == session.log.next_index - 1:
-        return Response(status_code=204)
     return sse_response(state, session, after)
 
 
