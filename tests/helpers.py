@@ -347,7 +347,7 @@ def png_data_uri(size=(96, 64), color=(200, 30, 30)) -> str:
     return data_uri(png_bytes(size, color), "image/png")
 
 
-def mp4_data_uri(frames: int = 12, size: int = 64) -> str:
+def mp4_bytes(frames: int = 12, size: int = 64) -> bytes:
     """A small mpeg4 clip written with PyAV (its bundled FFmpeg always has that codec)."""
     import av
     import numpy as np
@@ -363,7 +363,27 @@ def mp4_data_uri(frames: int = 12, size: int = 64) -> str:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return data_uri(buf.getvalue(), "video/mp4")
+    return buf.getvalue()
+
+
+def mp4_data_uri(frames: int = 12, size: int = 64) -> str:
+    return data_uri(mp4_bytes(frames, size), "video/mp4")
+
+
+def break_decode_step(state, at: int) -> list:
+    """Make the `at`-th call of the text model (what every decode step runs) raise: a fault
+    the real model does not produce. Returns the call list (clear it to count again)."""
+    text_model = state.models.model.model.language_model
+    original, calls = text_model.forward, []
+
+    def broken_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise RuntimeError("device fell off the bus")
+        return original(*args, **kwargs)
+
+    text_model.forward = broken_forward
+    return calls
 
 
 def image_message(url: str) -> list[dict]:

@@ -18,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from helpers import ROOT, ServerProcess, wait_ready
+from helpers import ROOT, ServerProcess, mp4_bytes, wait_ready
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -171,22 +171,6 @@ def png_bytes(color=(30, 120, 200), size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(frames: int = 8, size: int = 64) -> bytes:
-    import av
-    import numpy as np
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), i * 30 % 255, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return buf.getvalue()
-
-
 DISPATCH_FILE = """([event, selector, name, type, b64]) => {
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
     const data = new DataTransfer();
@@ -296,7 +280,7 @@ def test_images_and_video_attach_by_picker_paste_and_drop(open_page, base_url, t
     picked.write_bytes(png_bytes())
     page.set_input_files("#file", str(picked))
     drop_or_paste(page, "paste", "#prompt", "pasted.png", "image/png", png_bytes(color=(200, 40, 40)))
-    drop_or_paste(page, "drop", "body", "clip.mp4", "video/mp4", mp4_bytes())
+    drop_or_paste(page, "drop", "body", "clip.mp4", "video/mp4", mp4_bytes(frames=8))
     page.wait_for_function("document.querySelectorAll('#attachments .chip').length === 3")
     assert page.locator("#attachments .chip[data-kind=video]").count() == 1
     send(page, "What is in these?")

@@ -5,7 +5,7 @@ import time
 import httpx
 import pytest
 
-from helpers import HI, assert_error, data_uri, health, post, stream_events, wait_ready
+from helpers import HI, assert_error, break_decode_step, data_uri, health, post, stream_events, wait_ready
 
 
 @pytest.mark.parametrize("body,param", [
@@ -132,16 +132,7 @@ def test_concurrent_first_requests_load_the_model_once(make_server):
 def test_failure_during_generation_becomes_error_event_then_done(make_server):
     """A crash inside a decode step is a fault the real model does not produce: injected."""
     srv = make_server()
-    text_model = srv.state.models.model.model.language_model  # what every decode step runs
-    original, calls = text_model.forward, []
-
-    def broken_forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("device fell off the bus")
-        return original(*args, **kwargs)
-
-    text_model.forward = broken_forward
+    calls = break_decode_step(srv.state, at=4)
     _, status, events = stream_events(srv.base_url, {"messages": HI, "stream": True, "seed": 1, "max_tokens": 20})
     assert status == 200
     assert events[-1]["data"] == "[DONE]"

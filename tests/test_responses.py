@@ -1,14 +1,13 @@
 """The Responses API on the durable log, driven by the official `openai` SDK (issue #10)."""
 
 import signal
-import threading
 
 import httpx
 import openai
 import pytest
 
 import main
-from helpers import InProcessServer, ServerProcess, wait_ready
+from helpers import InProcessServer, ServerProcess, break_decode_step, wait_ready
 
 EOS = 2  # <|im_end|> in tests/tiny_model.py's vocabulary (checked in the fixture)
 # Greedy "Say hello." thinks, closes </think>, answers; EOS is masked for 30 tokens, then forced: completed.
@@ -190,16 +189,7 @@ def test_failure_mid_stream_ends_with_response_failed(tiny_model_dir):
     stream with response.failed; the SDK stops, and get_final_response() raises."""
     with InProcessServer(tiny_model_dir, preload_model=True) as srv:
         wait_ready(srv.base_url)
-        text_model = srv.state.models.model.model.language_model
-        original, calls = text_model.forward, []
-
-        def broken(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 4:
-                raise RuntimeError("device fell off the bus")
-            return original(*args, **kwargs)
-
-        text_model.forward = broken
+        break_decode_step(srv.state, at=4)
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
         with client.responses.stream(model="m", **GREEDY) as stream:
             events = list(stream)
