@@ -179,7 +179,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8, ge=1, le=256, description="Generations decoded together (continuous batching); 1 = one at a time.")
     max_prefill_tokens_per_step: int = Field(
-        2048, ge=1, description="Prompt tokens prefilled between two decode steps (a longer prompt runs alone).")
+        256, ge=1, description="Prompt tokens prefilled between two decode steps; a longer prompt is prefilled in "
+                               "chunks of this size, interleaved with decode steps.")
+    compile: Literal["auto", "0", "1"] = Field(
+        "auto", description="Compile the decode step (torch.compile, CUDA graphs on GPU) at model load: "
+                            "1 on, 0 off, auto on where it helps (CUDA).")
     max_queue: int = Field(16, ge=0, description="Generations that may wait behind the running ones; more get 429.")
     generation_timeout_seconds: float = Field(
         600.0, ge=0, description="Longest one generation may decode; 0 disables.")
@@ -1892,6 +1896,7 @@ class ModelManager:
         self.control_tokens: tuple[str, ...] = ()
         self.grammars: GrammarCompiler | None = None
         self.think_close_id: int | None = None
+        self.after_load: list[Callable[[Any], None]] = []  # run with the model before it is ready (the engine's warm-up)
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Future | None = None
@@ -1935,6 +1940,8 @@ class ModelManager:
                 self.think_close_id = think_close_token(self.processor.tokenizer)
                 # built here, once: ~2 s at Qwen's vocabulary, too slow for a first request
                 self.grammars = grammar_compiler(self.processor.tokenizer, self.vocab_size, self.eos_ids)
+                for prepare in self.after_load:
+                    prepare(self.model)
             except Exception as exc:  # any loader failure is reported through /health and 503s
                 self.state, self.error, self._failed_at = "error", f"{type(exc).__name__}: {exc}", time.monotonic()
                 logger.error("model load failed: %s", self.error)
@@ -2585,96 +2592,321 @@ class Row:
     budget: ReasoningBudget | None = None
 
 
-class Batch:
-    """Rows decoding together over one KV cache, left-padded to a common length.
+INITIAL_CACHE_COLUMNS = 1024  # per slot at model load; doubles when a row needs more (D70)
 
-    The attention mask marks each row's padding; position ids are given per row (four
-    rows for M-RoPE: text position, then t/h/w = text position + the row's rope delta),
-    so a row decodes exactly as it would alone.
+
+class SlotCache:
+    """The running batch's KV cache, preallocated per slot (D70).
+
+    Per layer, keys and values are [slots, kv_heads, capacity, head_dim] tensors. Row i of
+    the batch lives in slot i with its tokens at columns 0..position-1, so there is no
+    padding: a joining row copies only its own prefill into a free slot, and a leaving row
+    is replaced by the batch's last row (one row's columns copied). A decode step writes
+    each row's new key and value at the row's own column. When a row needs more columns
+    the capacity doubles: the one copy of every row, rare, logged.
+
+    During a step it is the Cache the model's attention layers call: update() stores the
+    step's keys and values and returns the first rows' slots up to `width` columns.
+    """
+
+    def __init__(self, text_config, slots: int, capacity: int, dtype: torch.dtype, device):
+        heads = text_config.num_key_value_heads
+        dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        shape = (slots, heads, capacity, dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
+        self.columns: torch.Tensor | None = None  # the step's write column per row (= its text position)
+        self.width = capacity  # the step's attended columns
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def reserve(self, columns: int) -> bool:
+        """Room for `columns` columns per slot, doubling the capacity; True when it grew."""
+        capacity = self.capacity
+        if columns <= capacity:
+            return False
+        while capacity < columns:
+            capacity *= 2
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :old.shape[2]] = old
+                store[i] = new
+        return True
+
+    def load(self, slot: int, prompt, length: int) -> None:
+        """Copy a prefilled prompt (a one-row DynamicCache of `length` tokens) into `slot`."""
+        for layer, source in enumerate(prompt.layers):
+            self.keys[layer][slot, :, :length] = source.keys[0, :, :length]
+            self.values[layer][slot, :, :length] = source.values[0, :, :length]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        for tensor in self.keys + self.values:
+            tensor[target, :, :length] = tensor[source, :, :length]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """The attention layers' Cache call: store one token per row, return what they attend to."""
+        rows = key_states.shape[0]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        index = torch.arange(rows, device=keys.device)
+        keys[index, :, self.columns] = key_states[:, :, 0]
+        values[index, :, self.columns] = value_states[:, :, 0]
+        return keys[:rows, :, :self.width], values[:rows, :, :self.width]
+
+
+def decode_logits(model, cache: SlotCache, ids: torch.Tensor, text: torch.Tensor, spatial: torch.Tensor):
+    """One decode step for the first len(ids) slots: (rows, vocab) logits.
+
+    ids, text, spatial: [rows] long tensors (the fed token, its text position, and its
+    t/h/w position = text position + the row's M-RoPE delta). Decode steps carry no vision
+    input, so this runs the text model's layers and lm_head directly, with a mask that lets
+    each row see its own columns 0..text: no padding, no per-call checks of the wrappers.
+    """
+    lm = model.model.language_model
+    hidden = lm.embed_tokens(ids[:, None])
+    position_embeddings = lm.rotary_emb(hidden, spatial.view(1, -1, 1).expand(3, -1, 1))
+    columns = torch.arange(cache.width, device=ids.device)
+    mask = (columns[None, :] <= text[:, None])[:, None, None, :]
+    cache.columns = text
+    for layer in lm.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=cache)
+    return model.lm_head(lm.norm(hidden)[:, -1])
+
+
+def bucket_sizes(slots: int) -> list[int]:
+    """Batch sizes a compiled step is built for: powers of two up to `slots` (which is one)."""
+    sizes = [1]
+    while sizes[-1] < slots:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class DecodeStep:
+    """decode_logits for the batch: eager, or compiled (COMPILE, D71).
+
+    Eager attends to exactly the columns in use. Compiled runs torch.compile'd
+    decode_logits at fixed shapes: the row count padded up to a power of two (the padding
+    rows feed token 0 at column 0 of free slots) and every column of the capacity; on CUDA
+    each batch size is captured once as a CUDA graph and replayed, so a step is a copy of
+    three small tensors and one graph launch. warm_up() builds every size at model load;
+    a capacity change rebuilds them. If compiling or capturing fails, the step falls back
+    to eager for good and says why once.
+    """
+
+    def __init__(self, model, cache: SlotCache, compiled: bool):
+        self.model, self.cache = model, cache
+        self.device = cache.keys[0].device
+        self.compiled = compiled
+        self.graphs_on = compiled and self.device.type == "cuda"
+        self.function = torch.compile(partial(decode_logits, model), dynamic=True) if compiled else None
+        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, text, spatial, logits)
+        self.capacity = cache.capacity
+        self.pool = None
+
+    def __call__(self, ids: list[int], text: list[int], spatial: list[int]) -> torch.Tensor:
+        if self.compiled:
+            try:
+                return self._compiled(ids, text, spatial)
+            except Exception as exc:  # e.g. a backend without a compiler: eager still works
+                self._give_up(exc)
+        self.cache.width = max(text) + 1
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
+        return decode_logits(self.model, self.cache, as_tensor(ids), as_tensor(text), as_tensor(spatial))
+
+    def warm_up(self) -> None:
+        """Compile (and capture) every batch size now, so that no request pays for it."""
+        if not self.compiled:
+            return
+        started = time.monotonic()
+        for size in bucket_sizes(self.cache.slots):
+            self([0] * size, [0] * size, [0] * size)
+            if not self.compiled:
+                return
+        logger.info("decode step compiled for batch sizes %s in %.1f s (CUDA graphs: %s)",
+                    bucket_sizes(self.cache.slots), time.monotonic() - started, "on" if self.graphs_on else "off")
+
+    def _compiled(self, ids: list[int], text: list[int], spatial: list[int]) -> torch.Tensor:
+        if self.cache.capacity != self.capacity:  # the tensors were replaced: shapes and addresses changed
+            logger.info("KV cache grew to %d columns: rebuilding the compiled decode step", self.cache.capacity)
+            self.graphs, self.capacity = {}, self.cache.capacity
+        rows = len(ids)
+        size = next(s for s in bucket_sizes(self.cache.slots) if s >= rows)
+        padding = [0] * (size - rows)
+        inputs = torch.tensor([ids + padding, text + padding, spatial + padding], dtype=torch.long)
+        self.cache.width = self.cache.capacity
+        if not self.graphs_on:
+            inputs = inputs.to(self.device)
+            return self.function(self.cache, inputs[0], inputs[1], inputs[2])[:rows]
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        graph, static, logits = self.graphs[size]
+        static.copy_(inputs, non_blocking=True)
+        graph.replay()
+        return logits[:rows]
+
+    def _capture(self, size: int) -> tuple:
+        static = torch.zeros(3, size, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles, then runs once more outside the capture
+                self.function(self.cache, static[0], static[1], static[2])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.function(self.cache, static[0], static[1], static[2])
+        return graph, static, logits
+
+    def _give_up(self, exc: Exception) -> None:
+        logger.warning("compiled decode step failed (%s: %s); decoding eagerly from now on",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        self.compiled = self.graphs_on = False
+        self.graphs = {}
+
+
+class Batch:
+    """Rows decoding together, row i in slot i of one SlotCache.
+
+    Position ids are given per row (four rows for M-RoPE: text position, then t/h/w = text
+    position + the row's rope delta), and each row attends to its own columns only, so a
+    row decodes exactly as it would alone.
     """
 
     def __init__(self):
         self.rows: list[Row] = []
-        self.cache = self.mask = None
+        self.cache: SlotCache | None = None
+        self.step: DecodeStep | None = None
 
-    def join(self, rows: list[Row], cache) -> None:
-        """Add one prefilled prompt as the rows of its choices, each with its own copy of the cache."""
-        if len(rows) > 1:
-            cache.batch_repeat_interleave(len(rows))
-        mask = torch.ones(len(rows), rows[0].position, dtype=torch.long, device=cache.layers[0].keys.device)
-        if not self.rows:
-            self.cache, self.mask = cache, mask
-        else:
-            width = max(self.mask.shape[1], rows[0].position)
-            self.mask = torch.cat([left_pad(self.cache, self.mask, width), left_pad(cache, mask, width)])
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
-        self.rows.extend(rows)
+    def prepare(self, model, slots: int, compiled: bool) -> None:
+        """Allocate the cache (and build the decode step) for `slots` rows; at model load."""
+        text = model.config.text_config
+        slots = bucket_sizes(slots)[-1] if compiled else slots
+        capacity = min(INITIAL_CACHE_COLUMNS, text.max_position_embeddings + 1)
+        self.cache = SlotCache(text, slots, capacity, model.dtype, model.device)
+        self.step = DecodeStep(model, self.cache, compiled)
+        self.step.warm_up()
 
-    def forward(self, model):
+    def join(self, rows: list[Row], prompt, length: int) -> None:
+        """Add one prefilled prompt as the rows of its choices: each slot gets its own copy."""
+        if self.cache.reserve(length + 1):
+            logger.info("KV cache grew to %d columns per slot", self.cache.capacity)
+        for row in rows:
+            self.cache.load(len(self.rows), prompt, length)
+            self.rows.append(row)
+
+    def forward(self) -> torch.Tensor:
         """One decode step for every row: (rows, vocab) logits."""
-        device = self.mask.device
-        ids = torch.tensor([[row.last] for row in self.rows], device=device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        text = torch.tensor([row.position for row in self.rows], device=device)
-        spatial = text + torch.tensor([row.rope_delta for row in self.rows], device=device)
-        positions = torch.stack([text, spatial, spatial, spatial]).view(4, len(self.rows), 1)
-        # decode steps carry no vision input: the text model and lm_head directly skip the
-        # multimodal wrapper's per-call checks (~5-8% of a tiny model's step)
-        hidden = model.model.language_model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                                            cache=self.cache, use_cache=True).last_hidden_state
+        if self.cache.reserve(max(row.position for row in self.rows) + 1):
+            logger.info("KV cache grew to %d columns per slot", self.cache.capacity)
+        logits = self.step([row.last for row in self.rows], [row.position for row in self.rows],
+                           [row.position + row.rope_delta for row in self.rows])
         for row in self.rows:
             row.position += 1
-        return model.lm_head(hidden[:, -1, :])
+        return logits
 
     def drop(self, done: set[Row]) -> None:
-        """Remove finished rows at once, and the left padding nobody needs any more."""
-        keep = [i for i, row in enumerate(self.rows) if row not in done]
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        if len(keep) < len(self.rows):
-            self.cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.mask.device))
-            self.mask = self.mask[keep]
-            self.rows = [self.rows[i] for i in keep]
-        unused = self.mask.shape[1] - max(row.position for row in self.rows)
-        if unused > 0:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-            self.mask = self.mask[:, unused:]
+        """Remove finished rows: each freed slot takes the batch's last row (one row's copy)."""
+        for row in [row for row in self.rows if row in done]:
+            slot, last = self.rows.index(row), len(self.rows) - 1
+            if slot != last:
+                self.cache.move(last, slot, self.rows[last].position)
+                self.rows[slot] = self.rows[last]
+            self.rows.pop()
 
 
-def left_pad(cache, mask, width: int):
-    """Pad a cache and its mask on the left (time axis) to `width` columns; returns the mask."""
-    missing = width - mask.shape[1]
-    if missing <= 0:
-        return mask
-    for layer in cache.layers:
-        batch, heads, _, dim = layer.keys.shape
-        zeros = layer.keys.new_zeros(batch, heads, missing, dim)
-        layer.keys, layer.values = torch.cat([zeros, layer.keys], dim=2), torch.cat([zeros, layer.values], dim=2)
-    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+def prompt_embeddings(model, ids: torch.Tensor, vision: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
+    """The prompt's input embeddings with its images' and videos' features in place, the
+    mask of those visual tokens, and the deepstack features the first layers add to them
+    (one [visual tokens, hidden] tensor per layer, in prompt order), as Qwen3-VL's own
+    forward builds them: the vision encoder runs here, once per prompt."""
+    outer = model.model
+    embeds = outer.get_input_embeddings()(ids)
+    found = []  # (mask, deepstack features) per modality
+    for pixels, grid, token, encode in (
+            ("pixel_values", "image_grid_thw", model.config.image_token_id, outer.get_image_features),
+            ("pixel_values_videos", "video_grid_thw", model.config.video_token_id, outer.get_video_features)):
+        if pixels not in vision:
+            continue
+        out = encode(vision[pixels], vision[grid], return_dict=True)
+        features = torch.cat(out.pooler_output).to(embeds.device, embeds.dtype)
+        mask = ids == token
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(mask.sum())} placeholder tokens for {features.shape[0]} visual features")
+        embeds = embeds.masked_scatter(mask[..., None], features)
+        found.append((mask, [torch.cat(layer) for layer in out.deepstack_features]))
+    if not found:
+        return embeds, None, None
+    if len(found) == 1:
+        return embeds, found[0][0], found[0][1]
+    (image, image_stack), (video, video_stack) = found
+    visual = image | video
+    joint = []
+    for image_layer, video_layer in zip(image_stack, video_stack):
+        layer = image_layer.new_zeros(int(visual.sum()), image_layer.shape[-1])
+        layer[image[visual]] = image_layer
+        layer[video[visual]] = video_layer
+        joint.append(layer)
+    return embeds, visual, joint
 
 
-def prefill(model, inputs) -> tuple[Any, Any, int, int]:
-    """Run one prompt alone: (last logits, its KV cache, prompt length, M-RoPE delta)."""
-    inputs = inputs.to(model.device)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    length = ids.shape[1]
-    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    text = torch.arange(length, device=ids.device).view(1, 1, length)
-    if "image_grid_thw" in vision or "video_grid_thw" in vision:
-        spatial, delta = model.model.get_rope_index(
-            ids, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
-            attention_mask=mask, mm_token_type_ids=vision.get("mm_token_type_ids"))
-        delta = int(delta.reshape(-1)[0])
-    else:
-        spatial, delta = text.expand(3, 1, length), 0
-    cache = DynamicCache(config=model.config.text_config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text, spatial]), cache=cache,
-                use_cache=True, logits_to_keep=1, **vision)
-    return out.logits[:, -1, :], cache, length, delta
+class Prefill:
+    """One prompt's prefill, in one piece or in chunks between decode steps (D72).
+
+    The vision encoder runs once, when it starts (prompt_embeddings); each run() then feeds
+    the text model the next slice of the prompt's embeddings with its slice of the M-RoPE
+    positions and of the deepstack features (the visual tokens inside that slice), over
+    the prompt's own DynamicCache. After the last slice, `logits` holds the last token's.
+    """
+
+    def __init__(self, model, inputs):
+        inputs = inputs.to(model.device)
+        ids = inputs["input_ids"]
+        vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        self.model, self.length, self.done = model, ids.shape[1], 0
+        text = torch.arange(self.length, device=ids.device).view(1, 1, self.length)
+        if "image_grid_thw" in vision or "video_grid_thw" in vision:
+            spatial, delta = model.model.get_rope_index(
+                ids, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
+                attention_mask=inputs["attention_mask"], mm_token_type_ids=vision.get("mm_token_type_ids"))
+            self.rope_delta = int(delta.reshape(-1)[0])
+        else:
+            spatial, self.rope_delta = text.expand(3, 1, self.length), 0
+        self.positions = torch.cat([text, spatial])  # [4, 1, length]
+        self.embeds, self.visual, self.deepstack = prompt_embeddings(model, ids, vision)
+        self.cache = DynamicCache(config=model.config.text_config)
+        self.logits: torch.Tensor | None = None  # [1, vocab], once done
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.length
+
+    def run(self, tokens: int) -> int:
+        """Prefill the next `tokens` prompt tokens (at least one); how many ran."""
+        start, end = self.done, min(self.length, self.done + max(tokens, 1))
+        extra = {}
+        if self.visual is not None and bool(self.visual[:, start:end].any()):
+            before, inside = int(self.visual[:, :start].sum()), int(self.visual[:, start:end].sum())
+            extra = {"visual_pos_masks": self.visual[:, start:end],
+                     "deepstack_visual_embeds": [layer[before:before + inside] for layer in self.deepstack]}
+        mask = torch.ones(1, end, dtype=torch.long, device=self.embeds.device)
+        hidden = self.model.model.language_model(
+            inputs_embeds=self.embeds[:, start:end], attention_mask=mask, position_ids=self.positions[:, :, start:end],
+            cache=self.cache, use_cache=True, **extra).last_hidden_state
+        self.done = end
+        if self.finished:
+            self.logits = self.model.lm_head(hidden[:, -1, :])
+        return end - start
 
 
 def sample_tokens(scores, p: SamplingParams, generators: list) -> list[int]:
@@ -2819,11 +3051,12 @@ class Worker:
     """The generation engine: one thread running a continuous-batching decode loop.
 
     Between decode steps it admits waiting jobs: each is prefilled alone (its images and
-    video only there), and its n choices join the running batch as n rows, each with a
-    copy of the KV cache (left-padded) and its first token sampled from the one prefill.
-    Every step decodes one token for every row; rows that finish, are cancelled or fail
-    leave at once. The rest of the server only calls admit(), submit(), cancel_waiting()
-    and release(); session and SSE code never see rows.
+    video only there), in chunks of at most MAX_PREFILL_TOKENS_PER_STEP tokens between
+    steps, and its n choices join the running batch as n rows, each in its own slot of the
+    preallocated KV cache with its first token sampled from the one prefill. Every step
+    decodes one token for every row; rows that finish, are cancelled or fail leave at
+    once. The rest of the server only calls admit(), submit(), cancel_waiting() and
+    release(); session and SSE code never see rows.
     """
 
     def __init__(self, models: ModelManager, settings: Settings, metrics: Metrics, loop: asyncio.AbstractEventLoop):
@@ -2832,6 +3065,8 @@ class Worker:
         self.next_job: Job | None = None  # taken from the queue, waiting for rows to free (worker thread)
         self.admitted = 0  # slots, from admit() until the choices end or the request fails; event loop only
         self.batch = Batch()
+        self.prefilling: tuple[Job, list[Row], Prefill] | None = None  # a prompt prefilled in chunks (D72)
+        models.after_load.append(self._prepare)
         self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
         self._texts: TokenTexts | None = None
         self.thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
@@ -2897,11 +3132,17 @@ class Worker:
         self.batch.drop(set(rows))
 
     def _admit_waiting(self) -> bool:
-        """Admit waiting jobs in order while their choices fit in MAX_BATCH_SIZE rows and the
-        step's prefill budget lasts; False once stopped. A job whose choices do not fit yet
-        waits for rows to free, and nothing overtakes it."""
+        """Prefill waiting jobs in order, at most MAX_PREFILL_TOKENS_PER_STEP prompt tokens
+        between two decode steps: a longer prompt goes on where it left off after the next
+        step (D72), and nothing overtakes it. A job whose choices do not fit in
+        MAX_BATCH_SIZE rows yet waits for rows to free. False once stopped."""
         budget = self.settings.max_prefill_tokens_per_step
         while budget > 0:
+            if self.prefilling is not None:
+                budget -= self._prefill(budget)
+                if self.prefilling is not None:
+                    return True
+                continue
             if self.next_job is None:
                 if len(self.batch.rows) >= self.settings.max_batch_size:
                     return True
@@ -2916,32 +3157,62 @@ class Worker:
                 return True
             self.next_job = None
             if job.claim():
-                budget -= job.prompt_tokens
                 self._start(job)
-                self.outbox.send()
         return True
 
     def _start(self, job: Job) -> None:
-        """Prefill one job alone and join its choices to the batch; a failure fails this job only."""
+        """Set up one job's choices and its prefill (the vision encoder runs here); a failure fails this job only."""
         timeout = self.settings.generation_timeout_seconds
         job.deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
         job.running = job.params.n
         try:
             rows = [self._new_row(job, index) for index in range(job.params.n)]
-            logits, cache, position, rope_delta = prefill(self.models.model, job.inputs)  # logits: [1, vocab]
-            for row in rows:
-                row.position, row.rope_delta = position, rope_delta
-            tokens, logprobs = self._pick(rows, logits.expand(len(rows), -1))
-        except Exception as exc:  # e.g. media the vision tower rejects: this job fails alone
+            self.prefilling = (job, rows, Prefill(self.models.model, job.inputs))
+        except Exception as exc:  # e.g. media the vision tower rejects
             self._fail(job, 0, exc)
-            return
+
+    def _prefill(self, budget: int) -> int:
+        """The prefilling job's next chunk (the prompt tokens it ran); once its prompt is in,
+        each choice's first token is sampled from the one prefill and its rows join the
+        batch, each slot with its own copy of the prompt's cache. While no row decodes there
+        is nobody to stall, and the rest of the prompt runs in one piece. Cancel and the
+        time cap are checked between chunks, as between decode steps."""
+        job, rows, prefill = self.prefilling
+        if job.cancel.is_set() or job.timed_out:
+            self.prefilling = None
+            for row in rows:
+                self._finish(row, "cancelled" if job.cancel.is_set() else "timeout")
+            return 0
+        ran = 0
         try:
-            self.batch.join(rows, cache)
-        except Exception as exc:  # a half-joined cache is unusable for every row
+            ran = prefill.run(budget if self.batch.rows else prefill.length)  # nobody to stall: one piece
+            if not prefill.finished:
+                return ran
+            self.prefilling = None
+            for row in rows:
+                row.position, row.rope_delta = prefill.length, prefill.rope_delta
+            tokens, logprobs = self._pick(rows, prefill.logits.expand(len(rows), -1))  # logits: [1, vocab]
+        except Exception as exc:  # this job fails alone; the batch's cache is not touched
+            self.prefilling = None
+            self._fail(job, 0, exc)
+            return ran
+        try:
+            self.batch.join(rows, prefill.cache, prefill.length)
+        except Exception as exc:  # a half-copied slot is unusable for every row
             self._fail(job, 0, exc)
             self._fail_all(exc)
-            return
+            return ran
         self._advance(rows, tokens, logprobs)
+        self.outbox.send()
+        return ran
+
+    def _prepare(self, model) -> None:
+        """At model load (loader thread, before the first job): the batch's KV cache, and the
+        compiled decode step built for every batch size where COMPILE asks for it (D71)."""
+        setting = self.settings.compile
+        compiled = setting == "1" or (setting == "auto" and model.device.type == "cuda")
+        with torch.inference_mode():
+            self.batch.prepare(model, self.settings.max_batch_size, compiled)
 
     def _new_row(self, job: Job, index: int) -> Row:
         """Choice `index` of the job: its own pipeline, stops, penalties and generator (seed + index)."""
@@ -2971,7 +3242,7 @@ class Worker:
         rows = list(self.batch.rows)
         self.metrics.batch_size.observe(len(rows))
         try:
-            logits = self.batch.forward(self.models.model)
+            logits = self.batch.forward()
             self._advance(rows, *self._pick(rows, logits))
         except Exception as exc:  # a failed forward leaves no row in a known state
             logger.exception("generation worker: decode step failed")

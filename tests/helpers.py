@@ -371,10 +371,11 @@ def mp4_data_uri(frames: int = 12, size: int = 64) -> str:
 
 
 def break_decode_step(state, at: int) -> list:
-    """Make the `at`-th call of the text model (what every decode step runs) raise: a fault
-    the real model does not produce. Returns the call list (clear it to count again)."""
-    text_model = state.models.model.model.language_model
-    original, calls = text_model.forward, []
+    """Make the `at`-th pass through the text model (each prefill chunk and each decode
+    step ends in its final norm) raise: a fault the real model does not produce. Returns
+    the call list (clear it to count again)."""
+    norm = state.models.model.model.language_model.norm
+    original, calls = norm.forward, []
 
     def broken_forward(*args, **kwargs):
         calls.append(1)
@@ -382,7 +383,7 @@ def break_decode_step(state, at: int) -> list:
             raise RuntimeError("device fell off the bus")
         return original(*args, **kwargs)
 
-    text_model.forward = broken_forward
+    norm.forward = broken_forward
     return calls
 
 
