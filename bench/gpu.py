@@ -134,6 +134,34 @@ def decode_rate(batch: main.Batch, prefill: main.Prefill, rows: int, steps: int,
             "columns": columns}
 
 
+def profile(batch: main.Batch, prefill: main.Prefill) -> dict:
+    """Batch 1: GPU time of one graph replay (events), and the kernels one step launches."""
+    batch.rows = []
+    batch.join([Row(prefill)], prefill.cache, prefill.length)
+    batch.forward()
+    graph = batch.step.graphs[1][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay_ms = start.elapsed_time(end) / 50
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = sum(e.count for e in events) / 10
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    batch.rows = []
+    return {"replay_ms": replay_ms, "kernels_per_step": kernels,
+            "kernel_ms_per_step": sum(e.self_device_time_total for e in events) / 10 / 1000,
+            "top": [(e.key[:70], e.count // 10, round(e.self_device_time_total / 10 / 1000, 4)) for e in top]}
+
+
 def raw_generate(model, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
     ids = prompt.to(device)
     kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
@@ -163,10 +191,10 @@ def run(args) -> dict:
     with torch.inference_mode():
         prefill = main.Prefill(model, inputs)
         prefill.run(args.prompt)
-        result["raw_generate_b1_tokens_per_s"] = raw_generate(model, prompt, args.steps, device)
+        result["raw_generate_b1_tokens_per_s"] = raw_generate(model, prompt, min(args.steps, 32), device)
         print(f"bandwidth {result['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, raw generate "
               f"{result['raw_generate_b1_tokens_per_s']:.0f} tok/s", flush=True)
-        modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+        modes = ([] if args.no_eager else ["eager"]) + ([] if args.no_compile else ["compiled"])
         for mode in modes:
             batch = main.Batch()
             started = time.perf_counter()
@@ -183,6 +211,9 @@ def run(args) -> dict:
                 run_["of_bound"] = run_["tokens_per_s"] / run_["hbm_bound_tokens_per_s"]
                 result[mode]["runs"].append(run_)
                 print(f"{mode}: {json.dumps(run_)}", flush=True)
+            if mode == "compiled" and args.profile and batch.step.graphs_on:
+                result["profile"] = profile(batch, prefill)
+                print(f"profile: {json.dumps(result['profile'])}", flush=True)
             del batch
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -216,10 +247,18 @@ def main_() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps per batch size")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--no-eager", action="store_true", help="compiled only")
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="experiment: compile with dynamic=False (one compile per batch size)")
+    parser.add_argument("--profile", action="store_true",
+                        help="CUDA: kernels per compiled step and GPU time per graph replay, batch 1")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "gpu.json")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.static_shapes:
+        compile_ = torch.compile
+        torch.compile = lambda function, **kwargs: compile_(function, **{**kwargs, "dynamic": False})
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
