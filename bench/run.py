@@ -65,6 +65,7 @@ class Server:
         full_env = {**os.environ, "MODEL_REPO_ID": model, "HOST": "127.0.0.1", "PORT": str(port),
                     "PRELOAD_MODEL": "1", "LOG_LEVEL": "warning", "MAX_QUEUE": "64", **env}
         name = "ours-sqlite" if env.get("PERSIST_SESSIONS") == "1" else f"ours-{env.get('SESSION_STORE', 'memory')}"
+        name += f"-b{env['MAX_BATCH_SIZE']}" if "MAX_BATCH_SIZE" in env else ""
         return cls(name, [sys.executable, str(ROOT / "main.py")], full_env, port, model)
 
     @classmethod
@@ -198,15 +199,23 @@ async def concurrent(server: Server, streams: int, tokens: int, arrivals: list[f
             "client_cpu_share": cpu / wall}  # of one core: what the client took from the server
 
 
+def medians(runs: list[dict]) -> dict:
+    return {k: median([r[k] for r in runs]) for k in runs[0]}
+
+
+def p3_streams(server: Server, reps: int, tokens: int, counts: tuple[int, ...]) -> dict:
+    return {f"c{streams}": medians([asyncio.run(concurrent(server, streams, tokens)) for _ in range(reps)])
+            for streams in counts}
+
+
+WIDE_BATCH = 16  # MAX_BATCH_SIZE of the second server (P3 with 16 streams)
+
+
 def p3_concurrency(server: Server, reps: int, tokens: int) -> dict:
-    out = {}
-    for streams in (1, 4, 8):
-        runs = [asyncio.run(concurrent(server, streams, tokens)) for _ in range(reps)]
-        out[f"c{streams}"] = {k: median([r[k] for r in runs]) for k in runs[0]}
+    out = p3_streams(server, reps, tokens, (1, 4, 8))
     rng = random.Random(42)
     arrivals = sorted(rng.uniform(0, 2.0) for _ in range(8))
-    runs = [asyncio.run(concurrent(server, 8, tokens, arrivals)) for _ in range(reps)]
-    out["random_arrivals_8"] = {k: median([r[k] for r in runs]) for k in runs[0]}
+    out["random_arrivals_8"] = medians([asyncio.run(concurrent(server, 8, tokens, arrivals)) for _ in range(reps)])
     return out
 
 
@@ -279,6 +288,8 @@ def run(args) -> dict:
                           "p4": p4_resume(ours, args.reps, args.replay_events), "p5": p5_memory(ours, args.sessions)}
     with Server.ours(model, PERSIST_SESSIONS="1", SESSIONS_DB_PATH=tempfile.mktemp(suffix=".db")) as sqlite:
         result["ours_sqlite"] = {"p1": p1_throughput(sqlite, args.reps, args.tokens)}
+    with Server.ours(model, MAX_BATCH_SIZE=str(WIDE_BATCH)) as wide:
+        result["ours_batch16"] = {"p3": p3_streams(wide, args.reps, args.stream_tokens, (1, WIDE_BATCH))}
     if not args.skip_transformers_serve and transformers_serve_available():
         with Server.transformers_serve(model) as peer:
             result["transformers_serve"] = {"p1": p1_throughput(peer, args.reps, args.tokens),
@@ -344,8 +355,17 @@ def machine() -> str:
 
 
 def table(r: dict) -> str:
+    lines = [f"Run {r['date']} on {r['machine']}; model {Path(r['model']).name}; median of {r['reps']}.", "",
+             "| Measure | This server | Reference | Ratio / overhead | Target |", "| --- | --- | --- | --- | --- |"]
+    lines += reference_rows(r) + p3_rows(r["ours"]["p3"]) + p3_wide_rows(r["ours_batch16"]["p3"])
+    lines += p4_p5_rows(r["ours"])
+    if r.get("transformers_serve"):
+        lines += peer_rows(r["ours"], r["transformers_serve"])
+    return "\n".join(lines) + "\n"
+
+
+def reference_rows(r: dict) -> list[str]:
     raw, ours = r["raw"], r["ours"]
-    peer = r.get("transformers_serve")
     rows = [
         ("P1 one stream, tok/s (in memory)", ours["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.95x raw"),
         ("P1 one stream, tok/s (SQLite)", r["ours_sqlite"]["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.92x raw"),
@@ -353,41 +373,57 @@ def table(r: dict) -> str:
         ("P2 TTFT 640x480 image, ms (ref: raw prefill)", ours["p2"]["image_ms"], raw["prefill_image_ms"],
          "≤ +10 ms"),
     ]
-    lines = [f"Run {r['date']} on {r['machine']}; model {Path(r['model']).name}; median of {r['reps']}.", "",
-             "| Measure | This server | Reference | Ratio / overhead | Target |", "| --- | --- | --- | --- | --- |"]
+    lines = []
     for name, value, ref, target in rows:
         relation = f"{value - ref:+.1f} ms" if "ms" in name else f"{value / ref:.2f}x"
         lines.append(f"| {name} | {value:.1f} | {ref:.1f} | {relation} | {target} |")
-    single = ours["p3"]["c1"]["aggregate_tokens_per_s"]
-    for key, label in (("c1", "1 stream"), ("c4", "4 streams"), ("c8", "8 streams"),
-                       ("random_arrivals_8", "8 streams, random arrivals over 2 s")):
-        p3 = ours["p3"][key]
-        lines.append(f"| P3 {label}: aggregate tok/s | {p3['aggregate_tokens_per_s']:.0f} | {single:.0f} (1 stream) | "
-                     f"{p3['aggregate_tokens_per_s'] / single:.2f}x | record |")
-        lines.append(f"| P3 {label}: TTFT p50 / p95, ms | {p3['ttft_p50_ms']:.1f} / {p3['ttft_p95_ms']:.1f} | | | record |")
+    return lines
+
+
+def p3_rows(p3: dict, label_suffix: str = "", targets: dict | None = None) -> list[str]:
+    """Aggregate tok/s against one stream on the same server, and TTFT; `targets` by row."""
+    targets = targets or {"c8": ("≥ 6x 1 stream", "record"), "random_arrivals_8": ("record", "p95 ≤ 25 ms")}
+    single, lines = p3["c1"]["aggregate_tokens_per_s"], []
+    for key, p in p3.items():
+        streams = "1 stream" if key == "c1" else f"{p['streams']:.0f} streams"
+        label = streams + (", random arrivals over 2 s" if key.startswith("random") else "") + label_suffix
+        rate, ttft = targets.get(key, ("record", "record"))
+        lines.append(f"| P3 {label}: aggregate tok/s | {p['aggregate_tokens_per_s']:.0f} | {single:.0f} (1 stream) | "
+                     f"{p['aggregate_tokens_per_s'] / single:.2f}x | {rate} |")
+        lines.append(f"| P3 {label}: TTFT p50 / p95, ms | {p['ttft_p50_ms']:.1f} / {p['ttft_p95_ms']:.1f} | | | {ttft} |")
+    return lines
+
+
+def p3_wide_rows(p3: dict) -> list[str]:
+    return p3_rows(p3, f" (MAX_BATCH_SIZE={WIDE_BATCH})", {f"c{WIDE_BATCH}": ("≥ 9x 1 stream", "record")})
+
+
+def p4_p5_rows(ours: dict) -> list[str]:
     p4, p5 = ours["p4"], ours["p5"]
-    lines.append(f"| P4 replay of a finished {p4['events']}-event session: first / last byte, ms | "
-                 f"{p4['first_byte_ms']:.1f} / {p4['last_byte_ms']:.1f} | | | record |")
-    lines.append(f"| P5 RSS before / after {p5['sessions']} sessions, MB | {p5['rss_before_mb']:.0f} / "
-                 f"{p5['rss_after_mb']:.0f} | | {p5['rss_after_mb'] / p5['rss_before_mb']:.2f}x | record |")
-    lines.append(f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |")
-    if peer:
-        lines += ["", "Side by side with `transformers serve` (same checkpoint, same client):", "",
-                  "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |",
-                  f"| P1 one stream, tok/s | {ours['p1']['tokens_per_s']:.1f} | {peer['p1']['tokens_per_s']:.1f} | "
-                  f"{ours['p1']['tokens_per_s'] / peer['p1']['tokens_per_s']:.2f}x |",
-                  f"| P2 TTFT text, ms | {ours['p2']['text_ms']:.1f} | {peer['p2']['text_ms']:.1f} | "
-                  f"{ours['p2']['text_ms'] / peer['p2']['text_ms']:.2f}x |",
-                  f"| P2 TTFT image, ms | {ours['p2']['image_ms']:.1f} | {peer['p2']['image_ms']:.1f} | "
-                  f"{ours['p2']['image_ms'] / peer['p2']['image_ms']:.2f}x |"]
-        for key in ("c1", "c4", "c8", "random_arrivals_8"):
-            a, b = ours["p3"][key], peer["p3"][key]
-            lines.append(f"| P3 {key}: aggregate tok/s | {a['aggregate_tokens_per_s']:.0f} | "
-                         f"{b['aggregate_tokens_per_s']:.0f} | "
-                         f"{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x |")
-            lines.append(f"| P3 {key}: TTFT p95, ms | {a['ttft_p95_ms']:.1f} | {b['ttft_p95_ms']:.1f} | "
-                         f"{a['ttft_p95_ms'] / b['ttft_p95_ms']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return [f"| P4 replay of a finished {p4['events']}-event session: first / last byte, ms | "
+            f"{p4['first_byte_ms']:.1f} / {p4['last_byte_ms']:.1f} | | | record |",
+            f"| P5 RSS before / after {p5['sessions']} sessions, MB | {p5['rss_before_mb']:.0f} / "
+            f"{p5['rss_after_mb']:.0f} | | {p5['rss_after_mb'] / p5['rss_before_mb']:.2f}x | record |",
+            f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |"]
+
+
+def peer_rows(ours: dict, peer: dict) -> list[str]:
+    lines = ["", "Side by side with `transformers serve` (same checkpoint, same client):", "",
+             "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |",
+             f"| P1 one stream, tok/s | {ours['p1']['tokens_per_s']:.1f} | {peer['p1']['tokens_per_s']:.1f} | "
+             f"{ours['p1']['tokens_per_s'] / peer['p1']['tokens_per_s']:.2f}x |",
+             f"| P2 TTFT text, ms | {ours['p2']['text_ms']:.1f} | {peer['p2']['text_ms']:.1f} | "
+             f"{ours['p2']['text_ms'] / peer['p2']['text_ms']:.2f}x |",
+             f"| P2 TTFT image, ms | {ours['p2']['image_ms']:.1f} | {peer['p2']['image_ms']:.1f} | "
+             f"{ours['p2']['image_ms'] / peer['p2']['image_ms']:.2f}x |"]
+    for key in ("c1", "c4", "c8", "random_arrivals_8"):
+        a, b = ours["p3"][key], peer["p3"][key]
+        lines.append(f"| P3 {key}: aggregate tok/s | {a['aggregate_tokens_per_s']:.0f} | "
+                     f"{b['aggregate_tokens_per_s']:.0f} | "
+                     f"{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f}x |")
+        lines.append(f"| P3 {key}: TTFT p95, ms | {a['ttft_p95_ms']:.1f} | {b['ttft_p95_ms']:.1f} | "
+                     f"{a['ttft_p95_ms'] / b['ttft_p95_ms']:.2f}x |")
+    return lines
 
 
 def main() -> None:
