@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -37,7 +38,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from workload import chat_body  # noqa: E402
+from workload import chat_body, long_prompt_body  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- servers
@@ -164,6 +165,8 @@ def median(values: list[float]) -> float:
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
@@ -217,6 +220,111 @@ def p3_concurrency(server: Server, reps: int, tokens: int) -> dict:
     arrivals = sorted(rng.uniform(0, 2.0) for _ in range(8))
     out["random_arrivals_8"] = medians([asyncio.run(concurrent(server, 8, tokens, arrivals)) for _ in range(reps)])
     return out
+
+
+JOIN_STREAMS = 8  # P7: streams decoding when the long prompt arrives
+JOIN_AFTER_EVENTS = 16  # each has sent this many text events after its first before the join
+JOIN_MAX_TOKENS = 8  # what the long request generates
+TOKEN_LATENCY = "qwen_time_per_output_token_seconds"  # the server's histogram (/metrics)
+
+
+class JoinWatch:
+    """Arrival times of the running streams' text events; `decoding` is set once every
+    stream has had JOIN_AFTER_EVENTS text events after its first one."""
+
+    def __init__(self, streams: int):
+        self.marks: list[list[float]] = [[] for _ in range(streams)]
+        self.short = streams
+        self.decoding = asyncio.Event()
+
+    def recorder(self, i: int) -> Callable[[float], None]:
+        marks = self.marks[i]
+
+        def record(now: float) -> None:
+            marks.append(now)
+            if len(marks) == JOIN_AFTER_EVENTS + 1:
+                self.short -= 1
+                if not self.short:
+                    self.decoding.set()
+        return record
+
+
+async def join_once(server: Server, tokens: int, long_body: dict) -> dict:
+    """JOIN_STREAMS streams of `tokens` tokens; once all are decoding, one long prompt joins."""
+    watch = JoinWatch(JOIN_STREAMS)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        async def running(i: int) -> dict:
+            try:
+                return await stream_once(server, chat_body(tokens, seed=i), client, on_text=watch.recorder(i))
+            finally:
+                watch.decoding.set()  # a stream that ends first must not leave the join waiting
+
+        streams = [asyncio.create_task(running(i)) for i in range(JOIN_STREAMS)]
+        await watch.decoding.wait()
+        joiner = await stream_once(server, long_body, client)
+        await asyncio.gather(*streams)
+    return join_figures(watch.marks, joiner)
+
+
+def join_figures(marks: list[list[float]], joiner: dict) -> dict:
+    """Gaps between a stream's consecutive text events: before the join (from the moment
+    all streams are decoding to the long request's send) and during it (overlapping the
+    time from the send to the long request's first text)."""
+    sent = joiner["started"]
+    first = sent + joiner["ttft"]
+    all_decoding = max((m[0] for m in marks if m), default=sent)
+    before, during = [], []
+    for m in marks:
+        for a, b in zip(m, m[1:]):
+            if all_decoding <= a and b <= sent:
+                before.append(b - a)
+            elif b > sent and a < first:
+                during.append(b - a)
+    return {"prompt_tokens": joiner["prompt_tokens"], "joiner_ttft_ms": joiner["ttft"] * 1000,
+            "gap_p99_before_ms": percentile(before, 0.99) * 1000, "gap_p99_during_ms": percentile(during, 0.99) * 1000,
+            "gap_max_during_ms": max(during, default=float("nan")) * 1000,
+            "gaps_before": len(before), "gaps_during": len(during),
+            "streams_through_join": sum(1 for m in marks if m and m[-1] > first)}
+
+
+def long_prompt_repeats(server: Server, target: int) -> int:
+    """Repeats of the long prompt's words that make about `target` prompt tokens on this
+    server's tokenizer, from two untimed requests (which also warm up a long prefill)."""
+    few, many = 4, 40
+    counts = [asyncio.run(stream_once(server, long_prompt_body(n, 1, seed=900 + n)))["prompt_tokens"]
+              for n in (few, many)]
+    per_repeat = (counts[1] - counts[0]) / (many - few)
+    return max(1, round(few + (target - counts[0]) / per_repeat))
+
+
+def token_latency_buckets(server: Server) -> dict[float, float]:
+    """The server's time-per-output-token histogram, cumulative count by upper bound (s);
+    empty when /metrics has none."""
+    buckets = {}
+    for line in httpx.get(server.base_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(TOKEN_LATENCY + "_bucket{"):
+            buckets[float(line.split('le="', 1)[1].split('"', 1)[0])] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """Upper bound of the bucket that holds the 99th percentile of what was observed between
+    two scrapes."""
+    counts = {le: after[le] - before.get(le, 0) for le in sorted(after)}
+    total = counts.get(math.inf, 0)
+    return next(le for le, n in counts.items() if n >= 0.99 * total) * 1000 if total else float("nan")
+
+
+def p7_join(server: Server, reps: int, tokens: int, prompt_tokens: int) -> dict:
+    """A ~`prompt_tokens` prompt joins JOIN_STREAMS decoding streams, `reps` times."""
+    repeats = long_prompt_repeats(server, prompt_tokens)
+    before = token_latency_buckets(server)
+    runs = [asyncio.run(join_once(server, tokens, long_prompt_body(repeats, JOIN_MAX_TOKENS, seed=1000 + rep)))
+            for rep in range(reps)]
+    out = medians(runs)
+    return {**out, "streams": JOIN_STREAMS, "stream_tokens": tokens, "repeats": repeats,
+            "gap_ratio": out["gap_p99_during_ms"] / out["gap_p99_before_ms"],
+            "server_token_latency_p99_ms": bucket_p99_ms(before, token_latency_buckets(server)), "runs": runs}
 
 
 def p4_resume(server: Server, reps: int, events: int) -> dict:
@@ -289,7 +397,8 @@ def run(args) -> dict:
     with Server.ours(model, PERSIST_SESSIONS="1", SESSIONS_DB_PATH=tempfile.mktemp(suffix=".db")) as sqlite:
         result["ours_sqlite"] = {"p1": p1_throughput(sqlite, args.reps, args.tokens)}
     with Server.ours(model, MAX_BATCH_SIZE=str(WIDE_BATCH)) as wide:
-        result["ours_batch16"] = {"p3": p3_streams(wide, args.reps, args.stream_tokens, (1, WIDE_BATCH))}
+        result["ours_batch16"] = {"p3": p3_streams(wide, args.reps, args.stream_tokens, (1, WIDE_BATCH)),
+                                  "p7": p7_join(wide, args.reps, args.join_tokens, args.join_prompt)}
     if not args.skip_transformers_serve and transformers_serve_available():
         with Server.transformers_serve(model) as peer:
             result["transformers_serve"] = {"p1": p1_throughput(peer, args.reps, args.tokens),
@@ -358,7 +467,7 @@ def table(r: dict) -> str:
     lines = [f"Run {r['date']} on {r['machine']}; model {Path(r['model']).name}; median of {r['reps']}.", "",
              "| Measure | This server | Reference | Ratio / overhead | Target |", "| --- | --- | --- | --- | --- |"]
     lines += reference_rows(r) + p3_rows(r["ours"]["p3"]) + p3_wide_rows(r["ours_batch16"]["p3"])
-    lines += p4_p5_rows(r["ours"])
+    lines += p4_p5_rows(r["ours"]) + p7_rows(r["ours_batch16"]["p7"])
     if r.get("transformers_serve"):
         lines += peer_rows(r["ours"], r["transformers_serve"])
     return "\n".join(lines) + "\n"
@@ -407,6 +516,16 @@ def p4_p5_rows(ours: dict) -> list[str]:
             f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |"]
 
 
+def p7_rows(p7: dict) -> list[str]:
+    joins = f"P7 a {p7['prompt_tokens']:.0f}-token prompt joins {p7['streams']} streams"
+    return [f"| {joins}: event gap p99 during / before the join, ms | {p7['gap_p99_during_ms']:.1f} | "
+            f"{p7['gap_p99_before_ms']:.1f} (before) | {p7['gap_ratio']:.2f}x | ≤ 2x |",
+            f"| {joins}: longest event gap during the join, ms | {p7['gap_max_during_ms']:.1f} | | | record |",
+            f"| {joins}: its TTFT, ms | {p7['joiner_ttft_ms']:.1f} | | | record |",
+            f"| P7 server time per output token, p99 bucket bound, ms | {p7['server_token_latency_p99_ms']:.0f} "
+            "| | | record |"]
+
+
 def peer_rows(ours: dict, peer: dict) -> list[str]:
     lines = ["", "Side by side with `transformers serve` (same checkpoint, same client):", "",
              "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |",
@@ -433,6 +552,8 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=256, help="P3 stream length")
     parser.add_argument("--replay-events", type=int, default=2000, help="P4 session length")
     parser.add_argument("--sessions", type=int, default=1000, help="P5 session count")
+    parser.add_argument("--join-tokens", type=int, default=256, help="P7 running streams' length")
+    parser.add_argument("--join-prompt", type=int, default=2000, help="P7 long prompt, tokens (about)")
     parser.add_argument("--skip-transformers-serve", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: few reps, short streams")
     parser.add_argument("--redis", action="store_true", help="SESSION_STORE=redis vs memory and raw generate only")
@@ -440,6 +561,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens, args.stream_tokens, args.replay_events, args.sessions = 1, 32, 16, 50, 20
+        args.join_tokens = 128
         args.skip_transformers_serve = True
     if args.redis:
         result = run_redis(args)
