@@ -384,27 +384,48 @@ def transformers_serve_available() -> bool:
         return False
 
 
+SECTIONS = ("p1", "p2", "p3", "p4", "p5", "p7")
+
+
+def raw_reference(model: str, args) -> dict:
+    return json.loads(subprocess.run([sys.executable, str(BENCH / "raw.py"), model, str(args.reps), str(args.tokens)],
+                                     check=True, capture_output=True, text=True, cwd=BENCH).stdout.splitlines()[-1])
+
+
 def run(args) -> dict:
-    model = os.environ.get("MODEL_REPO_ID") or build_model()
-    raw = json.loads(subprocess.run([sys.executable, str(BENCH / "raw.py"), model, str(args.reps), str(args.tokens)],
-                                    check=True, capture_output=True, text=True, cwd=BENCH).stdout.splitlines()[-1])
+    """The sections in `args.only`, each on the servers it needs."""
+    only, model = args.only, os.environ.get("MODEL_REPO_ID") or build_model()
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": model, "reps": args.reps,
-              "raw": raw}
-    with Server.ours(model) as ours:
-        result["ours"] = {"p1": p1_throughput(ours, args.reps, args.tokens), "p2": p2_ttft(ours, args.reps),
-                          "p3": p3_concurrency(ours, args.reps, args.stream_tokens),
-                          "p4": p4_resume(ours, args.reps, args.replay_events), "p5": p5_memory(ours, args.sessions)}
-    with Server.ours(model, PERSIST_SESSIONS="1", SESSIONS_DB_PATH=tempfile.mktemp(suffix=".db")) as sqlite:
-        result["ours_sqlite"] = {"p1": p1_throughput(sqlite, args.reps, args.tokens)}
-    with Server.ours(model, MAX_BATCH_SIZE=str(WIDE_BATCH)) as wide:
-        result["ours_batch16"] = {"p3": p3_streams(wide, args.reps, args.stream_tokens, (1, WIDE_BATCH)),
-                                  "p7": p7_join(wide, args.reps, args.join_tokens, args.join_prompt)}
-    if not args.skip_transformers_serve and transformers_serve_available():
+              "sections": [name for name in SECTIONS if name in only]}
+    if only & {"p1", "p2"}:
+        result["raw"] = raw_reference(model, args)
+    if only & {"p1", "p2", "p3", "p4", "p5"}:
+        with Server.ours(model) as ours:
+            result["ours"] = measure(ours, args, only & {"p1", "p2", "p3", "p4", "p5"})
+    if "p1" in only:
+        with Server.ours(model, PERSIST_SESSIONS="1", SESSIONS_DB_PATH=tempfile.mktemp(suffix=".db")) as sqlite:
+            result["ours_sqlite"] = {"p1": p1_throughput(sqlite, args.reps, args.tokens)}
+    if only & {"p3", "p7"}:
+        with Server.ours(model, MAX_BATCH_SIZE=str(WIDE_BATCH)) as wide:
+            result["ours_batch16"] = measure(wide, args, only & {"p3", "p7"}, p3_counts=(1, WIDE_BATCH))
+    if only & {"p1", "p2", "p3"} and not args.skip_transformers_serve and transformers_serve_available():
         with Server.transformers_serve(model) as peer:
-            result["transformers_serve"] = {"p1": p1_throughput(peer, args.reps, args.tokens),
-                                            "p2": p2_ttft(peer, args.reps),
-                                            "p3": p3_concurrency(peer, args.reps, args.stream_tokens)}
+            result["transformers_serve"] = measure(peer, args, only & {"p1", "p2", "p3"})
     return result
+
+
+def measure(server: Server, args, names: set[str], p3_counts: tuple[int, ...] | None = None) -> dict:
+    """The named sections on one server, in order; P3 is the full set unless `p3_counts` narrows it."""
+    def p3() -> dict:
+        if p3_counts:
+            return p3_streams(server, args.reps, args.stream_tokens, p3_counts)
+        return p3_concurrency(server, args.reps, args.stream_tokens)
+
+    measures = {"p1": lambda: p1_throughput(server, args.reps, args.tokens), "p2": lambda: p2_ttft(server, args.reps),
+                "p3": p3, "p4": lambda: p4_resume(server, args.reps, args.replay_events),
+                "p5": lambda: p5_memory(server, args.sessions),
+                "p7": lambda: p7_join(server, args.reps, args.join_tokens, args.join_prompt)}
+    return {name: measures[name]() for name in SECTIONS if name in names}
 
 
 def run_redis(args) -> dict:
@@ -414,10 +435,8 @@ def run_redis(args) -> dict:
     from helpers import RedisServer
 
     model = os.environ.get("MODEL_REPO_ID") or build_model()
-    raw = json.loads(subprocess.run([sys.executable, str(BENCH / "raw.py"), model, str(args.reps), str(args.tokens)],
-                                    check=True, capture_output=True, text=True, cwd=BENCH).stdout.splitlines()[-1])
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": model, "reps": args.reps,
-              "raw": raw}
+              "raw": raw_reference(model, args)}
     with Server.ours(model) as memory:
         result["memory"] = {"p1": p1_throughput(memory, args.reps, args.tokens),
                             "c8": asyncio.run(concurrent(memory, 8, args.stream_tokens))}
@@ -464,24 +483,30 @@ def machine() -> str:
 
 
 def table(r: dict) -> str:
+    ours, wide = r.get("ours", {}), r.get("ours_batch16", {})
     lines = [f"Run {r['date']} on {r['machine']}; model {Path(r['model']).name}; median of {r['reps']}.", "",
              "| Measure | This server | Reference | Ratio / overhead | Target |", "| --- | --- | --- | --- | --- |"]
-    lines += reference_rows(r) + p3_rows(r["ours"]["p3"]) + p3_wide_rows(r["ours_batch16"]["p3"])
-    lines += p4_p5_rows(r["ours"]) + p7_rows(r["ours_batch16"]["p7"])
+    lines += reference_rows(r) if "raw" in r else []
+    lines += p3_rows(ours["p3"]) if "p3" in ours else []
+    lines += p3_wide_rows(wide["p3"]) if "p3" in wide else []
+    lines += p4_p5_rows(ours)
+    lines += p7_rows(wide["p7"]) if "p7" in wide else []
     if r.get("transformers_serve"):
-        lines += peer_rows(r["ours"], r["transformers_serve"])
+        lines += peer_rows(ours, r["transformers_serve"])
     return "\n".join(lines) + "\n"
 
 
 def reference_rows(r: dict) -> list[str]:
     raw, ours = r["raw"], r["ours"]
-    rows = [
-        ("P1 one stream, tok/s (in memory)", ours["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.95x raw"),
-        ("P1 one stream, tok/s (SQLite)", r["ours_sqlite"]["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.92x raw"),
-        ("P2 TTFT text, ms (ref: raw prefill)", ours["p2"]["text_ms"], raw["prefill_text_ms"], "≤ +10 ms"),
-        ("P2 TTFT 640x480 image, ms (ref: raw prefill)", ours["p2"]["image_ms"], raw["prefill_image_ms"],
-         "≤ +10 ms"),
-    ]
+    rows = []
+    if "p1" in ours:
+        rows += [("P1 one stream, tok/s (in memory)", ours["p1"]["tokens_per_s"], raw["tokens_per_s"], "≥ 0.95x raw"),
+                 ("P1 one stream, tok/s (SQLite)", r["ours_sqlite"]["p1"]["tokens_per_s"], raw["tokens_per_s"],
+                  "≥ 0.92x raw")]
+    if "p2" in ours:
+        rows += [("P2 TTFT text, ms (ref: raw prefill)", ours["p2"]["text_ms"], raw["prefill_text_ms"], "≤ +10 ms"),
+                 ("P2 TTFT 640x480 image, ms (ref: raw prefill)", ours["p2"]["image_ms"], raw["prefill_image_ms"],
+                  "≤ +10 ms")]
     lines = []
     for name, value, ref, target in rows:
         relation = f"{value - ref:+.1f} ms" if "ms" in name else f"{value / ref:.2f}x"
@@ -508,12 +533,17 @@ def p3_wide_rows(p3: dict) -> list[str]:
 
 
 def p4_p5_rows(ours: dict) -> list[str]:
-    p4, p5 = ours["p4"], ours["p5"]
-    return [f"| P4 replay of a finished {p4['events']}-event session: first / last byte, ms | "
-            f"{p4['first_byte_ms']:.1f} / {p4['last_byte_ms']:.1f} | | | record |",
-            f"| P5 RSS before / after {p5['sessions']} sessions, MB | {p5['rss_before_mb']:.0f} / "
-            f"{p5['rss_after_mb']:.0f} | | {p5['rss_after_mb'] / p5['rss_before_mb']:.2f}x | record |",
-            f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |"]
+    lines = []
+    if "p4" in ours:
+        p4 = ours["p4"]
+        lines.append(f"| P4 replay of a finished {p4['events']}-event session: first / last byte, ms | "
+                     f"{p4['first_byte_ms']:.1f} / {p4['last_byte_ms']:.1f} | | | record |")
+    if "p5" in ours:
+        p5 = ours["p5"]
+        lines += [f"| P5 RSS before / after {p5['sessions']} sessions, MB | {p5['rss_before_mb']:.0f} / "
+                  f"{p5['rss_after_mb']:.0f} | | {p5['rss_after_mb'] / p5['rss_before_mb']:.2f}x | record |",
+                  f"| P5 threads before / after | {p5['threads_before']} / {p5['threads_after']} | | | record |"]
+    return lines
 
 
 def p7_rows(p7: dict) -> list[str]:
@@ -528,14 +558,14 @@ def p7_rows(p7: dict) -> list[str]:
 
 def peer_rows(ours: dict, peer: dict) -> list[str]:
     lines = ["", "Side by side with `transformers serve` (same checkpoint, same client):", "",
-             "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |",
-             f"| P1 one stream, tok/s | {ours['p1']['tokens_per_s']:.1f} | {peer['p1']['tokens_per_s']:.1f} | "
-             f"{ours['p1']['tokens_per_s'] / peer['p1']['tokens_per_s']:.2f}x |",
-             f"| P2 TTFT text, ms | {ours['p2']['text_ms']:.1f} | {peer['p2']['text_ms']:.1f} | "
-             f"{ours['p2']['text_ms'] / peer['p2']['text_ms']:.2f}x |",
-             f"| P2 TTFT image, ms | {ours['p2']['image_ms']:.1f} | {peer['p2']['image_ms']:.1f} | "
-             f"{ours['p2']['image_ms'] / peer['p2']['image_ms']:.2f}x |"]
-    for key in ("c1", "c4", "c8", "random_arrivals_8"):
+             "| Measure | This server | transformers serve | Ratio |", "| --- | --- | --- | --- |"]
+    if "p1" in peer:
+        lines.append(f"| P1 one stream, tok/s | {ours['p1']['tokens_per_s']:.1f} | {peer['p1']['tokens_per_s']:.1f} | "
+                     f"{ours['p1']['tokens_per_s'] / peer['p1']['tokens_per_s']:.2f}x |")
+    for key, label in (("text_ms", "text"), ("image_ms", "image")) if "p2" in peer else ():
+        lines.append(f"| P2 TTFT {label}, ms | {ours['p2'][key]:.1f} | {peer['p2'][key]:.1f} | "
+                     f"{ours['p2'][key] / peer['p2'][key]:.2f}x |")
+    for key in ("c1", "c4", "c8", "random_arrivals_8") if "p3" in peer else ():
         a, b = ours["p3"][key], peer["p3"][key]
         lines.append(f"| P3 {key}: aggregate tok/s | {a['aggregate_tokens_per_s']:.0f} | "
                      f"{b['aggregate_tokens_per_s']:.0f} | "
@@ -543,6 +573,13 @@ def peer_rows(ours: dict, peer: dict) -> list[str]:
         lines.append(f"| P3 {key}: TTFT p95, ms | {a['ttft_p95_ms']:.1f} | {b['ttft_p95_ms']:.1f} | "
                      f"{a['ttft_p95_ms'] / b['ttft_p95_ms']:.2f}x |")
     return lines
+
+
+def parse_sections(text: str) -> set[str]:
+    names = {name.strip().lower() for name in text.split(",") if name.strip()}
+    if not names or names - set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SECTIONS)}")
+    return names
 
 
 def main() -> None:
@@ -554,6 +591,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000, help="P5 session count")
     parser.add_argument("--join-tokens", type=int, default=256, help="P7 running streams' length")
     parser.add_argument("--join-prompt", type=int, default=2000, help="P7 long prompt, tokens (about)")
+    parser.add_argument("--only", type=parse_sections, default=set(SECTIONS), metavar="p1,p3,p7",
+                        help="run only these sections (P3 includes its 16-stream server)")
     parser.add_argument("--skip-transformers-serve", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: few reps, short streams")
     parser.add_argument("--redis", action="store_true", help="SESSION_STORE=redis vs memory and raw generate only")
