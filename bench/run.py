@@ -307,12 +307,12 @@ def token_latency_buckets(server: Server) -> dict[float, float]:
     return buckets
 
 
-def bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> float:
-    """Upper bound of the bucket that holds the 99th percentile of what was observed between
-    two scrapes."""
+def bucket_bound_ms(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket that holds quantile `q` of what was observed between two
+    scrapes (q=1: the bucket of the longest)."""
     counts = {le: after[le] - before.get(le, 0) for le in sorted(after)}
     total = counts.get(math.inf, 0)
-    return next(le for le, n in counts.items() if n >= 0.99 * total) * 1000 if total else float("nan")
+    return next(le for le, n in counts.items() if n >= q * total) * 1000 if total else float("nan")
 
 
 def p7_join(server: Server, reps: int, tokens: int, prompt_tokens: int) -> dict:
@@ -321,10 +321,12 @@ def p7_join(server: Server, reps: int, tokens: int, prompt_tokens: int) -> dict:
     before = token_latency_buckets(server)
     runs = [asyncio.run(join_once(server, tokens, long_prompt_body(repeats, JOIN_MAX_TOKENS, seed=1000 + rep)))
             for rep in range(reps)]
+    after = token_latency_buckets(server)
     out = medians(runs)
     return {**out, "streams": JOIN_STREAMS, "stream_tokens": tokens, "repeats": repeats,
             "gap_ratio": out["gap_p99_during_ms"] / out["gap_p99_before_ms"],
-            "server_token_latency_p99_ms": bucket_p99_ms(before, token_latency_buckets(server)), "runs": runs}
+            "server_token_latency_p99_ms": bucket_bound_ms(before, after, 0.99),
+            "server_token_latency_max_ms": bucket_bound_ms(before, after, 1.0), "runs": runs}
 
 
 def p4_resume(server: Server, reps: int, events: int) -> dict:
@@ -552,8 +554,8 @@ def p7_rows(p7: dict) -> list[str]:
             f"{p7['gap_p99_before_ms']:.1f} (before) | {p7['gap_ratio']:.2f}x | ≤ 2x |",
             f"| {joins}: longest event gap during the join, ms | {p7['gap_max_during_ms']:.1f} | | | record |",
             f"| {joins}: its TTFT, ms | {p7['joiner_ttft_ms']:.1f} | | | record |",
-            f"| P7 server time per output token, p99 bucket bound, ms | {p7['server_token_latency_p99_ms']:.0f} "
-            "| | | record |"]
+            f"| P7 server time per output token, p99 / longest (bucket bounds), ms | "
+            f"{p7['server_token_latency_p99_ms']:.0f} / {p7['server_token_latency_max_ms']:.0f} | | | record |"]
 
 
 def peer_rows(ours: dict, peer: dict) -> list[str]:
