@@ -4,6 +4,9 @@ import base64
 import io
 
 TEXT_PROMPT = "Describe a quiet morning in a small harbour town."
+# P7's long prompt: these words repeated; the repeat count that gives ~N tokens is
+# measured on the server's tokenizer (bench/run.py asks for prompt_tokens in usage).
+LONG_PROMPT_WORDS = "The quick brown fox jumps over the lazy dog while a small boat leaves the harbour. "
 
 
 def image_jpeg(width: int = 640, height: int = 480) -> bytes:
@@ -29,3 +32,12 @@ def chat_body(tokens: int, *, image: bool = False, stream: bool = True, seed: in
     return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": tokens,
             "min_tokens": tokens, "ignore_eos": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": seed,
             "stream": stream, "stream_options": {"include_usage": True}, **extra}
+
+
+def long_prompt_body(repeats: int, tokens: int, *, seed: int = 0) -> dict:
+    """A text request whose prompt is LONG_PROMPT_WORDS `repeats` times. It opens with its
+    seed, so no two requests share more than the template's first tokens (a prefix cache
+    must not turn the long prefill into a short one)."""
+    body = chat_body(tokens, seed=seed)
+    body["messages"][0]["content"][0]["text"] = f"Request {seed}. " + LONG_PROMPT_WORDS * repeats
+    return body

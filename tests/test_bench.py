@@ -1,5 +1,6 @@
 """Smoke run of the benchmark: it runs end to end and reports every figure (no timing asserted)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,5 +24,28 @@ def test_quick_benchmark_reports_every_measure(tmp_path, tiny_model_dir):
     assert all(v["aggregate_tokens_per_s"] > 0 for v in ours["p3"].values())
     assert ours["p4"]["events"] > 1 and ours["p4"]["last_byte_ms"] >= ours["p4"]["first_byte_ms"]
     assert ours["p5"]["sessions"] == 20 and ours["p5"]["threads_after"] > 0
+    wide = result["ours_batch16"]
+    assert set(wide["p3"]) == {"c1", "c16"} and wide["p3"]["c16"]["aggregate_tokens_per_s"] > 0
+    p7 = wide["p7"]
+    assert abs(p7["prompt_tokens"] - 2000) < 100 and p7["joiner_ttft_ms"] > 0
+    assert p7["gaps_before"] > 0 and p7["gaps_during"] > 0 and p7["gap_max_during_ms"] >= p7["gap_p99_during_ms"]
     table = (tmp_path / "latest.md").read_text()
     assert "| P1 one stream, tok/s (in memory) |" in table and "| P5 threads before / after |" in table
+    assert "event gap p99 during / before the join" in table and "| P3 16 streams (MAX_BATCH_SIZE=16)" in table
+
+
+def test_bench_client_finds_text_as_a_json_parse_would():
+    """The client tests lines for text instead of parsing them (bench/README.md); the test
+    must agree with json.loads on every kind of chunk, escaped quotes in text included."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    deltas = [{"role": "assistant", "content": ""}, {"reasoning_content": "a", "reasoning": "a"}, {"content": "b"},
+              {"content": '"content":"'}, {"content": '"'}, {}, {"tool_calls": [{"index": 0}]}, {"content": None}]
+    for delta in deltas:
+        for logprobs in (None, {"content": [{"token": "x"}]}):
+            chunk = {"id": "c", "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}]}
+            line = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+            has_text = bool(delta.get("content") or delta.get("reasoning_content"))
+            assert bool(bench.TEXT_FIELD.search(line)) == has_text, line
+            assert bool(bench.TEXT_FIELD.search(json.dumps(chunk))) == has_text, line
