@@ -4,6 +4,7 @@
     MODEL_REPO_ID=/path/to/model python bench/run.py --reps 5
     python bench/run.py --quick          # smoke run (used by the test suite)
     python bench/run.py --redis          # SESSION_STORE=redis against memory and raw (needs redis-server)
+    python bench/run.py --gpu-config     # the engine at Qwen3-VL-2B size on a GPU (bench/gpu.py)
 
 Writes bench/results/latest.json and latest.md (a markdown table) and prints the table.
 Every figure is the median of --reps repetitions, shown next to its reference as a ratio.
@@ -585,6 +586,9 @@ def parse_sections(text: str) -> set[str]:
 
 
 def main() -> None:
+    if "--gpu-config" in sys.argv:  # the engine at full size on a GPU: bench/gpu.py takes the other options
+        sys.argv.remove("--gpu-config")
+        os.execv(sys.executable, [sys.executable, str(BENCH / "gpu.py"), *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=512, help="P1 stream length")
@@ -599,6 +603,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: few reps, short streams")
     parser.add_argument("--redis", action="store_true", help="SESSION_STORE=redis vs memory and raw generate only")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--gpu-config", action="store_true",
+                        help="instead: bench/gpu.py, the engine at Qwen3-VL-2B's size with random weights")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.tokens, args.stream_tokens, args.replay_events, args.sessions = 1, 32, 16, 50, 20
