@@ -179,8 +179,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8, ge=1, le=256, description="Generations decoded together (continuous batching); 1 = one at a time.")
     max_prefill_tokens_per_step: int = Field(
-        256, ge=1, description="Prompt tokens prefilled between two decode steps; a longer prompt is prefilled in "
-                               "chunks of this size, interleaved with decode steps.")
+        0, ge=0, description="Prompt tokens prefilled between two decode steps; a longer prompt is prefilled in "
+                             "chunks, interleaved with decode steps. 0 = auto: 64 on CPU, 512 on CUDA.")
     compile: Literal["auto", "0", "1"] = Field(
         "auto", description="Compile the decode step (torch.compile, CUDA graphs on GPU) at model load: "
                             "1 on, 0 off, auto on where it helps (CUDA).")
@@ -2593,6 +2593,9 @@ class Row:
 
 
 INITIAL_CACHE_COLUMNS = 1024  # per slot at model load; doubles when a row needs more (D70)
+# MAX_PREFILL_TOKENS_PER_STEP=0 (auto) by device: what keeps running streams' p99 token gap
+# within 2x while a 2,000-token prompt joins (P7, D72); CUDA's is a guess, not measured
+PREFILL_TOKENS_PER_STEP = {"cpu": 64, "cuda": 512}
 
 
 class SlotCache:
@@ -3066,6 +3069,7 @@ class Worker:
         self.admitted = 0  # slots, from admit() until the choices end or the request fails; event loop only
         self.batch = Batch()
         self.prefilling: tuple[Job, list[Row], Prefill] | None = None  # a prompt prefilled in chunks (D72)
+        self.prefill_budget = settings.max_prefill_tokens_per_step or PREFILL_TOKENS_PER_STEP["cpu"]  # set at load
         models.after_load.append(self._prepare)
         self.outbox = Outbox(loop, self.release, settings.stream_interval_ms / 1000)
         self._texts: TokenTexts | None = None
@@ -3136,7 +3140,7 @@ class Worker:
         between two decode steps: a longer prompt goes on where it left off after the next
         step (D72), and nothing overtakes it. A job whose choices do not fit in
         MAX_BATCH_SIZE rows yet waits for rows to free. False once stopped."""
-        budget = self.settings.max_prefill_tokens_per_step
+        budget = self.prefill_budget
         while budget > 0:
             if self.prefilling is not None:
                 budget -= self._prefill(budget)
@@ -3211,6 +3215,8 @@ class Worker:
         compiled decode step built for every batch size where COMPILE asks for it (D71)."""
         setting = self.settings.compile
         compiled = setting == "1" or (setting == "auto" and model.device.type == "cuda")
+        self.prefill_budget = (self.settings.max_prefill_tokens_per_step
+                               or PREFILL_TOKENS_PER_STEP.get(model.device.type, PREFILL_TOKENS_PER_STEP["cpu"]))
         with torch.inference_mode():
             self.batch.prepare(model, self.settings.max_batch_size, compiled)
 
