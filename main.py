@@ -1896,7 +1896,7 @@ class ModelManager:
         self.control_tokens: tuple[str, ...] = ()
         self.grammars: GrammarCompiler | None = None
         self.think_close_id: int | None = None
-        self.after_load: list[Callable[[Any], None]] = []  # run with the model before it is ready (the engine's warm-up)
+        self.after_load: list[Callable[[Any], None]] = []  # run with the model before it is ready (warm-up)
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Future | None = None
@@ -2667,22 +2667,74 @@ class SlotCache:
         return keys[:rows, :, :self.width], values[:rows, :, :self.width]
 
 
-def decode_logits(model, cache: SlotCache, ids: torch.Tensor, text: torch.Tensor, spatial: torch.Tensor):
+def fuse_projections(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, one weight for q, k and v and one for gate and up (D73): the
+    layers' own parameters become views into them, so nothing is duplicated and prefill,
+    which still runs the layers' modules, reads the same memory."""
+    fused = []
+    for layer in model.model.language_model.layers:
+        parts = []
+        for names, owner in ((("q_proj", "k_proj", "v_proj"), layer.self_attn), (("gate_proj", "up_proj"), layer.mlp)):
+            linears = [getattr(owner, name) for name in names]
+            if any(linear.bias is not None for linear in linears):
+                raise ValueError("projections with a bias are not fused")
+            weight = torch.cat([linear.weight.detach() for linear in linears])
+            start = 0
+            for linear in linears:
+                rows = linear.weight.shape[0]
+                linear.weight = torch.nn.Parameter(weight[start:start + rows], requires_grad=False)
+                start += rows
+            parts.append(weight)
+        fused.append((parts[0], parts[1]))
+    return fused
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def decode_layer(layer, fused: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, mask: torch.Tensor, cache: "SlotCache", index: int) -> torch.Tensor:
+    """One decoder layer for one token per row, as Qwen3-VL's layer computes it, with q/k/v
+    and gate/up each one product (fused) and grouped-query attention without copying the
+    keys: a row's n_rep query heads of one key/value head attend as n_rep queries."""
+    attn, mlp = layer.self_attn, layer.mlp
+    rows, dim = hidden.shape[0], attn.head_dim
+    q_size, kv_size = attn.q_proj.out_features, attn.k_proj.out_features
+    residual = hidden
+    q, k, v = torch.nn.functional.linear(layer.input_layernorm(hidden), fused[0]).split(
+        [q_size, kv_size, kv_size], dim=-1)
+    q = attn.q_norm(q.view(rows, 1, -1, dim)).transpose(1, 2)  # [rows, heads, 1, dim]
+    k = attn.k_norm(k.view(rows, 1, -1, dim)).transpose(1, 2)
+    v = v.view(rows, 1, -1, dim).transpose(1, 2)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    keys, values = cache.update(k, v, index)
+    groups = keys.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(rows, groups, -1, dim), keys, values, attn_mask=mask, scale=attn.scaling)
+    hidden = residual + attn.o_proj(out.reshape(rows, 1, q_size))
+    gate, up = torch.nn.functional.linear(layer.post_attention_layernorm(hidden), fused[1]).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def decode_logits(model, fused: list, cache: SlotCache, ids: torch.Tensor, text: torch.Tensor, spatial: torch.Tensor):
     """One decode step for the first len(ids) slots: (rows, vocab) logits.
 
     ids, text, spatial: [rows] long tensors (the fed token, its text position, and its
     t/h/w position = text position + the row's M-RoPE delta). Decode steps carry no vision
-    input, so this runs the text model's layers and lm_head directly, with a mask that lets
-    each row see its own columns 0..text: no padding, no per-call checks of the wrappers.
+    input, so this runs the text model's layers (decode_layer) and lm_head directly, with
+    a mask that lets each row see its own columns 0..text: no padding, no per-call checks
+    of the wrappers (D31).
     """
     lm = model.model.language_model
     hidden = lm.embed_tokens(ids[:, None])
-    position_embeddings = lm.rotary_emb(hidden, spatial.view(1, -1, 1).expand(3, -1, 1))
+    cos, sin = lm.rotary_emb(hidden, spatial.view(1, -1, 1).expand(3, -1, 1))  # [rows, 1, head_dim]
     columns = torch.arange(cache.width, device=ids.device)
     mask = (columns[None, :] <= text[:, None])[:, None, None, :]
     cache.columns = text
-    for layer in lm.layers:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, cache=cache)
+    for index, layer in enumerate(lm.layers):
+        hidden = decode_layer(layer, fused[index], hidden, cos[:, None], sin[:, None], mask, cache, index)
     return model.lm_head(lm.norm(hidden)[:, -1])
 
 
@@ -2706,12 +2758,12 @@ class DecodeStep:
     to eager for good and says why once.
     """
 
-    def __init__(self, model, cache: SlotCache, compiled: bool):
-        self.model, self.cache = model, cache
+    def __init__(self, model, fused: list, cache: SlotCache, compiled: bool):
+        self.model, self.fused, self.cache = model, fused, cache
         self.device = cache.keys[0].device
         self.compiled = compiled
         self.graphs_on = compiled and self.device.type == "cuda"
-        self.function = torch.compile(partial(decode_logits, model), dynamic=True) if compiled else None
+        self.function = torch.compile(partial(decode_logits, model, fused), dynamic=True) if compiled else None
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, text, spatial, logits)
         self.capacity = cache.capacity
         self.pool = None
@@ -2724,7 +2776,7 @@ class DecodeStep:
                 self._give_up(exc)
         self.cache.width = max(text) + 1
         as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
-        return decode_logits(self.model, self.cache, as_tensor(ids), as_tensor(text), as_tensor(spatial))
+        return decode_logits(self.model, self.fused, self.cache, as_tensor(ids), as_tensor(text), as_tensor(spatial))
 
     def warm_up(self) -> None:
         """Compile (and capture) every batch size now, so that no request pays for it."""
@@ -2758,7 +2810,12 @@ class DecodeStep:
         return logits[:rows]
 
     def _capture(self, size: int) -> tuple:
+        # the warm-up runs and the capture really execute: they write column capacity-1 of
+        # slots 0..size-1, which no live row has written yet (Batch.forward reserves one
+        # column past every row's position), never a live row's keys (a regrowth captures
+        # while rows are running)
         static = torch.zeros(3, size, dtype=torch.long, device=self.device)
+        static[1:].fill_(self.cache.capacity - 1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -2797,7 +2854,7 @@ class Batch:
         slots = bucket_sizes(slots)[-1] if compiled else slots
         capacity = min(INITIAL_CACHE_COLUMNS, text.max_position_embeddings + 1)
         self.cache = SlotCache(text, slots, capacity, model.dtype, model.device)
-        self.step = DecodeStep(model, self.cache, compiled)
+        self.step = DecodeStep(model, fuse_projections(model), self.cache, compiled)
         self.step.warm_up()
 
     def join(self, rows: list[Row], prompt, length: int) -> None:
@@ -2820,6 +2877,9 @@ class Batch:
 
     def drop(self, done: set[Row]) -> None:
         """Remove finished rows: each freed slot takes the batch's last row (one row's copy)."""
+        if len(done) >= len(self.rows) and all(row in done for row in self.rows):
+            self.rows = []
+            return
         for row in [row for row in self.rows if row in done]:
             slot, last = self.rows.index(row), len(self.rows) - 1
             if slot != last:
