@@ -162,6 +162,65 @@ def profile(batch: main.Batch, prefill: main.Prefill) -> dict:
             "top": [(e.key[:70], e.count // 10, round(e.self_device_time_total / 10 / 1000, 4)) for e in top]}
 
 
+def check(device: torch.device) -> dict:
+    """Correctness on this device: the tiny configuration in float32, four text prompts
+    joining at different steps and leaving at different lengths, each row's greedy tokens
+    against `generate()`'s; eager and compiled (CUDA graphs on CUDA), and each again with
+    a 16-column initial cache, so that the cache doubles (and graphs are captured again)
+    while rows are running."""
+    model = build("tiny", device, torch.float32)
+    rng = torch.Generator().manual_seed(1)
+    specs = [(torch.randint(3, 300, (1, n), generator=rng), tokens)
+             for n, tokens in ((5, 40), (23, 25), (40, 50), (9, 33))]
+    eos = main.eos_token_ids(model)
+    with torch.inference_mode():
+        expected = []
+        for prompt, tokens in specs:
+            out = model.generate(input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device),
+                                 max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            expected.append(out[0, prompt.shape[1]:].tolist())
+        results, initial = {}, main.INITIAL_CACHE_COLUMNS
+        for compiled in (False, True):
+            for columns in (initial, 16):
+                main.INITIAL_CACHE_COLUMNS = columns
+                batch = main.Batch()
+                batch.prepare(model, 4, compiled)
+                rows = []
+                for i, (prompt, tokens) in enumerate(specs):
+                    prefill = main.Prefill(model, BatchFeature({"input_ids": prompt,
+                                                                "attention_mask": torch.ones_like(prompt)}))
+                    prefill.run(7)  # chunked, as under load
+                    while not prefill.finished:
+                        prefill.run(7)
+                    row = Row(prefill)
+                    row.out, row.tokens = [row.last], tokens
+                    batch.join([row], prefill.cache, prefill.length)
+                    rows.append(row)
+                    greedy(batch, 4 + 3 * i, eos)
+                greedy(batch, None, eos)
+                name = f"{'compiled' if compiled else 'eager'}, initial cache {columns}"
+                results[name] = [row.out == want for row, want in zip(rows, expected)]
+                print(f"check {name}: {results[name]} (capacity {batch.cache.capacity}, compiled "
+                      f"{batch.step.compiled})", flush=True)
+        main.INITIAL_CACHE_COLUMNS = initial
+    return results
+
+
+def greedy(batch: main.Batch, steps: int | None, eos: list[int]) -> None:
+    """Greedy steps with EOS banned (as generate's min_new_tokens does) until rows are done."""
+    while batch.rows and steps != 0:
+        done = set()
+        logits = batch.forward().clone()
+        logits[:, eos] = float("-inf")
+        for row, token in zip(list(batch.rows), logits.argmax(-1).tolist()):
+            row.last = token
+            row.out.append(token)
+            if len(row.out) >= row.tokens:
+                done.add(row)
+        batch.drop(done)
+        steps = None if steps is None else steps - 1
+
+
 def raw_generate(model, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
     ids = prompt.to(device)
     kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
@@ -176,6 +235,7 @@ def raw_generate(model, prompt: torch.Tensor, steps: int, device: torch.device) 
 
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    checked = check(device) if args.check else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     model = build(args.config, device, dtype)
@@ -183,7 +243,7 @@ def run(args) -> dict:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "build_s": time.perf_counter() - started,
               "params": sum(p.numel() for p in model.parameters()), "prompt_tokens": args.prompt,
-              "steps": args.steps, "bandwidth_bytes_per_s": copy_bandwidth(device)}
+              "steps": args.steps, "bandwidth_bytes_per_s": copy_bandwidth(device), "check": checked}
     vocab = model.config.text_config.vocab_size
     prompt = torch.randint(0, min(vocab, 150000), (1, args.prompt), generator=torch.Generator().manual_seed(0))
     inputs = BatchFeature({"input_ids": prompt, "attention_mask": torch.ones_like(prompt)})
@@ -253,6 +313,8 @@ def main_() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="CUDA: kernels per compiled step and GPU time per graph replay, batch 1")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
+    parser.add_argument("--check", action="store_true",
+                        help="first: greedy rows against generate() on the tiny config, eager and compiled")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "gpu.json")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

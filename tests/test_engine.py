@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import main
-from helpers import (SAY_HELLO, joined_text, mp4_data_uri, png_data_uri, post, session_body, stream_events, video_message,
-                     wait_generating, wait_until)
+from helpers import (SAY_HELLO, joined_text, mp4_data_uri, png_data_uri, post, session_body, stream_events,
+                     video_message, wait_generating, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,8 @@ def outputs(base_url: str, bodies: list[dict]) -> list[tuple[str, str, str]]:
     for body in bodies:
         _, status, events = stream_events(base_url, {**body, "stream": True})
         assert status == 200
-        finish = [json.loads(e["data"])["choices"][0]["finish_reason"] for e in events if '"finish_reason":"' in e["data"]]
+        finish = [json.loads(e["data"])["choices"][0]["finish_reason"]
+                  for e in events if '"finish_reason":"' in e["data"]]
         results.append((joined_text(events, "reasoning_content"), joined_text(events, "content"), finish[-1]))
     return results
 
