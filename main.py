@@ -3317,24 +3317,24 @@ class Worker:
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's own logits rules, then sampling in groups of rows that sample alike; and
         the logprobs of the rows that asked for them (the others pay nothing)."""
-        scores = [self._adjust(row, logits[i]) for i, row in enumerate(rows)]
+        scores = self._adjust(rows, logits)
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.job.params.sampler_key, []).append(i)
         tokens = [0] * len(rows)
         for members in groups.values():
             params = rows[members[0]].job.params
-            picked = sample_tokens(torch.stack([scores[i] for i in members]), params,
-                                   [rows[i].generator for i in members])
+            group = scores if len(members) == len(rows) else scores[members]
+            picked = sample_tokens(group, params, [rows[i].generator for i in members])
             for i, token in zip(members, picked):
                 tokens[i] = token
         return tokens, self._logprobs(rows, scores, tokens)
 
-    def _logprobs(self, rows: list[Row], scores: list[torch.Tensor], tokens: list[int]) -> list[TokenLogprob | None]:
+    def _logprobs(self, rows: list[Row], scores: torch.Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
         asking = [i for i, row in enumerate(rows) if row.job.params.logprobs]
         entries: list[TokenLogprob | None] = [None] * len(rows)
         if asking:
-            found = token_logprobs(torch.stack([scores[i] for i in asking]), [tokens[i] for i in asking],
+            found = token_logprobs(scores[asking], [tokens[i] for i in asking],
                                    [rows[i].job.params.top_logprobs for i in asking], self.token_texts)
             for i, entry in zip(asking, found):
                 entries[i] = entry
@@ -3346,22 +3346,31 @@ class Worker:
             self._texts = TokenTexts(self.models.processor.tokenizer)
         return self._texts
 
-    def _adjust(self, row: Row, scores: torch.Tensor) -> torch.Tensor:
-        """EOS masked until min_tokens; logit_bias and OpenAI penalties; then the reasoning
-        budget and last the grammar, so no bias can lift a token either of them bans (D54).
-        An active grammar decides EOS alone: min_tokens would leave a finished answer no
-        legal token."""
-        if row.generated < row.job.params.min_tokens and not (row.constraint and row.constraint.active):
-            scores = scores.clone()
-            scores[self.models.eos_ids] = float("-inf")
-        if row.penalties is not None:
-            scores = row.penalties(row.ids, scores[None])[0]
-        if row.budget is not None or row.constraint is not None:
-            scores = scores.clone()  # masked in place; the logits may be a view shared with other rows
+    def _adjust(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab] scores: EOS masked until min_tokens (one indexed write for all such
+        rows); then, row by row and only for rows that have them, logit_bias and OpenAI
+        penalties, the reasoning budget and last the grammar, so no bias can lift a token
+        either of them bans (D54). An active grammar decides EOS alone: min_tokens would
+        leave a finished answer no legal token. The logits are not written to (after a
+        prefill they are one row expanded to n)."""
+        young = [i for i, row in enumerate(rows)
+                 if row.generated < row.job.params.min_tokens and not (row.constraint and row.constraint.active)]
+        ruled = [i for i, row in enumerate(rows)
+                 if row.penalties is not None or row.budget is not None or row.constraint is not None]
+        if not young and not ruled:
+            return logits
+        scores = logits.clone()
+        if young:
+            eos = torch.tensor(self.models.eos_ids, device=scores.device)
+            scores[torch.tensor(young, device=scores.device)[:, None], eos[None, :]] = float("-inf")
+        for i in ruled:
+            row = rows[i]
+            if row.penalties is not None:
+                scores[i] = row.penalties(row.ids, scores[i][None])[0]
             if row.budget is not None:
-                row.budget.mask(scores)
+                row.budget.mask(scores[i])  # in place, on this row of scores
             if row.constraint is not None:
-                row.constraint.mask(scores)
+                row.constraint.mask(scores[i])
         return scores
 
     def _advance(self, rows: list[Row], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
