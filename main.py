@@ -2752,8 +2752,8 @@ class DecodeStep:
     Eager attends to exactly the columns in use. Compiled runs torch.compile'd
     decode_logits at fixed shapes: the row count padded up to a power of two (the padding
     rows feed token 0 at column 0 of free slots) and every column of the capacity; on CUDA
-    each batch size is captured once as a CUDA graph and replayed, so a step is a copy of
-    three small tensors and one graph launch. warm_up() builds every size at model load;
+    each batch size is captured once as a CUDA graph and replayed, so a step is one copy
+    of a [3, rows] tensor and one graph launch. warm_up() builds every size at model load;
     a capacity change rebuilds them. If compiling or capturing fails, the step falls back
     to eager for good and says why once.
     """
@@ -2764,7 +2764,7 @@ class DecodeStep:
         self.compiled = compiled
         self.graphs_on = compiled and self.device.type == "cuda"
         self.function = torch.compile(partial(decode_logits, model, fused), dynamic=True) if compiled else None
-        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, text, spatial, logits)
+        self.graphs: dict[int, tuple] = {}  # batch size -> (graph, its static [3, size] input, its logits)
         self.capacity = cache.capacity
         self.pool = None
 
@@ -2791,8 +2791,10 @@ class DecodeStep:
                     bucket_sizes(self.cache.slots), time.monotonic() - started, "on" if self.graphs_on else "off")
 
     def _compiled(self, ids: list[int], text: list[int], spatial: list[int]) -> torch.Tensor:
-        if self.cache.capacity != self.capacity:  # the tensors were replaced: shapes and addresses changed
-            logger.info("KV cache grew to %d columns: rebuilding the compiled decode step", self.cache.capacity)
+        if self.cache.capacity != self.capacity:  # the tensors were replaced: new shapes and addresses
+            if self.graphs:  # compiled for dynamic shapes: only the graphs are captured again
+                logger.info("KV cache grew to %d columns: capturing the decode step's CUDA graphs again",
+                            self.cache.capacity)
             self.graphs, self.capacity = {}, self.cache.capacity
         rows = len(ids)
         size = next(s for s in bucket_sizes(self.cache.slots) if s >= rows)
