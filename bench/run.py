@@ -39,7 +39,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from workload import chat_body, long_prompt_body  # noqa: E402
+from workload import chat_body, long_prompt_body, video_body  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- servers
@@ -330,6 +330,17 @@ def p7_join(server: Server, reps: int, tokens: int, prompt_tokens: int) -> dict:
             "server_token_latency_max_ms": bucket_bound_ms(before, after, 1.0), "runs": runs}
 
 
+def p7_video_join(server: Server, reps: int, tokens: int) -> dict:
+    """A video request (workload.video_body) joins JOIN_STREAMS decoding streams, `reps` times:
+    its frames go through the vision encoder in one piece, its prompt in chunks."""
+    asyncio.run(stream_once(server, video_body(1, seed=1999)))  # untimed: warms up the video path
+    runs = [asyncio.run(join_once(server, tokens, video_body(JOIN_MAX_TOKENS, seed=2000 + rep)))
+            for rep in range(reps)]
+    out = medians(runs)
+    return {**out, "streams": JOIN_STREAMS, "stream_tokens": tokens,
+            "gap_ratio": out["gap_p99_during_ms"] / out["gap_p99_before_ms"], "runs": runs}
+
+
 def p4_resume(server: Server, reps: int, events: int) -> dict:
     body = chat_body(events, session_id=f"bench-replay-{time.time_ns()}")
     made = asyncio.run(stream_once(server, body))
@@ -428,7 +439,10 @@ def measure(server: Server, args, names: set[str], p3_counts: tuple[int, ...] | 
                 "p3": p3, "p4": lambda: p4_resume(server, args.reps, args.replay_events),
                 "p5": lambda: p5_memory(server, args.sessions),
                 "p7": lambda: p7_join(server, args.reps, args.join_tokens, args.join_prompt)}
-    return {name: measures[name]() for name in SECTIONS if name in names}
+    out = {name: measures[name]() for name in SECTIONS if name in names}
+    if "p7" in names:
+        out["p7_video"] = p7_video_join(server, args.reps, args.join_tokens)
+    return out
 
 
 def run_redis(args) -> dict:
@@ -494,6 +508,7 @@ def table(r: dict) -> str:
     lines += p3_wide_rows(wide["p3"]) if "p3" in wide else []
     lines += p4_p5_rows(ours)
     lines += p7_rows(wide["p7"]) if "p7" in wide else []
+    lines += p7_rows(wide["p7_video"], "video ") if "p7_video" in wide else []
     if r.get("transformers_serve"):
         lines += peer_rows(ours, r["transformers_serve"])
     return "\n".join(lines) + "\n"
@@ -549,14 +564,15 @@ def p4_p5_rows(ours: dict) -> list[str]:
     return lines
 
 
-def p7_rows(p7: dict) -> list[str]:
-    joins = f"P7 a {p7['prompt_tokens']:.0f}-token prompt joins {p7['streams']} streams"
+def p7_rows(p7: dict, kind: str = "") -> list[str]:
+    joins = f"P7 a {p7['prompt_tokens']:.0f}-token {kind}prompt joins {p7['streams']} streams"
     return [f"| {joins}: event gap p99 during / before the join, ms | {p7['gap_p99_during_ms']:.1f} | "
             f"{p7['gap_p99_before_ms']:.1f} (before) | {p7['gap_ratio']:.2f}x | ≤ 2x |",
             f"| {joins}: longest event gap during the join, ms | {p7['gap_max_during_ms']:.1f} | | | record |",
-            f"| {joins}: its TTFT, ms | {p7['joiner_ttft_ms']:.1f} | | | record |",
+            f"| {joins}: its TTFT, ms | {p7['joiner_ttft_ms']:.1f} | | | record |"] + ([
             f"| P7 server time per output token, p99 / longest (bucket bounds), ms | "
             f"{p7['server_token_latency_p99_ms']:.0f} / {p7['server_token_latency_max_ms']:.0f} | | | record |"]
+            if "server_token_latency_p99_ms" in p7 else [])
 
 
 def peer_rows(ours: dict, peer: dict) -> list[str]:

@@ -41,3 +41,35 @@ def long_prompt_body(repeats: int, tokens: int, *, seed: int = 0) -> dict:
     body = chat_body(tokens, seed=seed)
     body["messages"][0]["content"][0]["text"] = f"Request {seed}. " + LONG_PROMPT_WORDS * repeats
     return body
+
+
+def video_mp4(frames: int = 16, size: int = 512) -> bytes:
+    """A deterministic `frames`-frame mpeg4 clip of size x size pixels: moving gradients with
+    a little noise (a real clip's size: about 1,000 vision tokens per 8 sampled frames at 512)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            pixels = np.stack([np.add.outer(ramp, ramp * 0) + 8 * i, np.add.outer(ramp * 0, ramp) - 8 * i,
+                               np.full((size, size), 40.0 * (i % 6))], axis=-1)
+            pixels = (pixels + rng.normal(0, 6, pixels.shape)) % 256
+            frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def video_body(tokens: int, *, seed: int = 0) -> dict:
+    """A request with one video (video_mp4, as a data URI) and a short question."""
+    body = chat_body(tokens, seed=seed)
+    uri = "data:video/mp4;base64," + base64.b64encode(video_mp4()).decode()
+    body["messages"][0]["content"] = [{"type": "video_url", "video_url": {"url": uri}},
+                                      {"type": "text", "text": f"Request {seed}. What happens in this video?"}]
+    return body
