@@ -29,9 +29,12 @@ def test_quick_benchmark_reports_every_measure(tmp_path, tiny_model_dir):
     p7 = wide["p7"]
     assert abs(p7["prompt_tokens"] - 2000) < 100 and p7["joiner_ttft_ms"] > 0
     assert p7["gaps_before"] > 0 and p7["gaps_during"] > 0 and p7["gap_max_during_ms"] >= p7["gap_p99_during_ms"]
+    video = wide["p7_video"]
+    assert video["prompt_tokens"] > 100 and video["joiner_ttft_ms"] > 0 and video["gaps_during"] > 0
     table = (tmp_path / "latest.md").read_text()
     assert "| P1 one stream, tok/s (in memory) |" in table and "| P5 threads before / after |" in table
     assert "event gap p99 during / before the join" in table and "| P3 16 streams (MAX_BATCH_SIZE=16)" in table
+    assert "video prompt joins 8 streams" in table
 
 
 def test_bench_client_finds_text_as_a_json_parse_would():
