@@ -830,13 +830,13 @@ def check_media_counts(req: ChatCompletionRequest, settings: Settings) -> None:
         raise invalid(f"At most {settings.max_videos_per_request} videos per request.", "messages", "too_many_videos")
 
 
-async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> bytes:
-    """Bytes behind a data URI, an allowed local path, or an http(s) URL on a public address."""
+async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> bytes | str:
+    """Bytes behind an allowed local path or an http(s) URL on a public address. A data URI
+    comes back as its base64 payload, checked but still encoded: the media pool decodes it
+    together with the image, so the event loop never spends the 1-2 ms a 270 KB image's
+    base64 takes (#14)."""
     if url.startswith("data:"):
-        data = decode_data_uri(url, param)
-        if len(data) > limit:
-            raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
-        return data
+        return data_uri_payload(url, param, limit)
     if url.startswith(("http://", "https://")):
         return await fetch_http(url, settings, param, limit)
     if settings.allowed_local_media_path:
@@ -844,12 +844,22 @@ async def fetch_media(url: str, settings: Settings, param: str, limit: int) -> b
     raise invalid("Media URLs must be http(s) URLs or data URIs.", param, "invalid_media_url")
 
 
-def decode_data_uri(url: str, param: str) -> bytes:
+def data_uri_payload(url: str, param: str, limit: int) -> str:
+    """The base64 payload of a data URI; the size it decodes to is known from its length, so
+    one over the limit is refused (413) before any decoding."""
     header, comma, payload = url.partition(",")  # only the short header goes through the regex
     if not comma or not DATA_URI_HEADER.match(header):
         raise invalid("Data URIs must be base64 encoded: data:<mime>;base64,<data>.", param, "invalid_data_uri")
+    if len(payload) // 4 * 3 - payload.endswith("=") - payload.endswith("==") > limit:
+        raise too_large(f"Media is larger than {limit} bytes.", param, "media_too_large")
+    return payload
+
+
+def decode_base64(payload: str, param: str) -> bytes:
+    """Strict base64 (only its alphabet, padding only at the end): what b64decode(validate=True)
+    accepts, without its regex pass over the whole payload first."""
     try:
-        return base64.b64decode(payload, validate=True)
+        return binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
         raise invalid("The data URI holds invalid base64.", param, "invalid_data_uri") from None
 
@@ -1309,15 +1319,17 @@ class PromptMessage:
     role: str
     content: str | list[dict]
     extra: dict = field(default_factory=dict)  # tool_calls, tool_call_id, reasoning_content, for the template
-    fetched: list[tuple[str, Any, str]] = field(default_factory=list)  # (kind, bytes or frame list, param)
+    fetched: list[tuple[str, Any, str]] = field(default_factory=list)  # (kind, bytes, base64 or frame list, param)
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     video_metadata: list = field(default_factory=list)
 
     def decode(self, settings: Settings, budget: DecodeBudget) -> None:
-        """Fetched bytes to PIL images and sampled video frames (blocking; preprocessing pool)."""
+        """Fetched media to PIL images and sampled video frames (blocking; media pool)."""
         for kind, data, param in self.fetched:
             budget.check(param)
+            if isinstance(data, str):  # a data URI's payload (fetch_media)
+                data = decode_base64(data, param)
             if kind == "image":
                 self.images.append(decode_image(data, param, max_pixels=settings.max_image_pixels,
                                                 target=budget.image_pixels))
