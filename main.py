@@ -57,7 +57,6 @@ define (tests/test_structure.py checks it). Decisions cited as (D<n>) are in CLA
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextvars
 import hashlib
@@ -90,6 +89,7 @@ import httpx
 import llguidance
 import llguidance.hf
 import numpy as np
+import pybase64
 import redis
 import redis.asyncio as aioredis
 import torch
@@ -856,12 +856,21 @@ def data_uri_payload(url: str, param: str, limit: int) -> str:
 
 
 def decode_base64(payload: str, param: str) -> bytes:
-    """Strict base64 (only its alphabet, padding only at the end): what b64decode(validate=True)
-    accepts, without its regex pass over the whole payload first."""
     try:
-        return binascii.a2b_base64(payload, strict_mode=True)
+        return strict_b64decode(payload)
     except (binascii.Error, ValueError):
         raise invalid("The data URI holds invalid base64.", param, "invalid_data_uri") from None
+
+
+def strict_b64decode(text: str) -> bytes:
+    """Base64 with nothing outside its alphabet and padding only at the end: exactly what
+    b64decode(validate=True) accepts. pybase64's SIMD decoder takes ~0.02 ms for a 640x480
+    JPEG's 360 KB where binascii takes ~1 ms (D71); it also refuses superfluous padding
+    (`QUJD=`), which binascii accepts, so binascii has the last word on what it refuses."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return binascii.a2b_base64(text, strict_mode=True)
 
 
 def read_local_media(url: str, root: str, param: str, limit: int) -> bytes:
@@ -1091,7 +1100,7 @@ def decode_frame_list(chunks: list[str], settings: Settings, param: str, budget:
     for i in indices:
         budget.check(param)
         try:
-            data = base64.b64decode(chunks[i], validate=True)
+            data = strict_b64decode(chunks[i])
         except (binascii.Error, ValueError):
             raise invalid(f"Frame {i} of the video holds invalid base64.", param, "invalid_data_uri") from None
         frame = np.asarray(decode_image(data, param, max_pixels=settings.max_image_pixels, target=target, kind="video"))

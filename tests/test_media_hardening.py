@@ -427,6 +427,27 @@ def test_data_uri_base64_is_decoded_in_the_media_pool_not_on_the_event_loop(medi
     assert len(threads) == 1 and threads[0].startswith("media")
 
 
+@pytest.mark.parametrize("payload", ["", "QUJD", "QUI=", "QQ==", "QUJD=", "QUJDRA==", "QUJDRA=", "QUJDRA", "QU JD",
+                                     "QUJD\n", "QU=D", "=QUJ", "QUJD====", "QUJ-", "QUJ_", "QUJé", "QUJD\x00", "===="])
+def test_data_uri_base64_accepts_exactly_what_b64decode_validate_accepts(payload):
+    """D71: the SIMD decoder (pybase64) refuses superfluous padding that binascii accepts
+    (`QUJD=`). Verified on edge cases: the server decodes exactly what
+    base64.b64decode(validate=True) decodes, to the same bytes, and refuses the rest."""
+    import binascii
+
+    import main
+
+    try:
+        expected = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        expected = None
+    try:
+        got = main.strict_b64decode(payload)
+    except (binascii.Error, ValueError):
+        got = None
+    assert got == expected
+
+
 def test_data_uri_over_the_byte_limit_is_413_before_its_base64_is_checked(tiny_model_dir):
     """#14: the size a data URI decodes to is read from its length, so one over MAX_IMAGE_BYTES
     is refused (413) without decoding it, even when its base64 is broken further in (it was a
