@@ -413,6 +413,54 @@ def test_text_requests_do_not_queue_behind_media_decoding(media_server, monkeypa
     assert [r.status_code for r in results] == [200, 200, 200]
 
 
+def test_data_uri_base64_is_decoded_in_the_media_pool_not_on_the_event_loop(media_server, monkeypatch):
+    """#14: a data URI's base64 was decoded on the event loop (1-2 ms for a 270 KB image,
+    time no other request could use) before the media pool decoded the image. Verified: the
+    payload is decoded on a media-pool thread, and the image is still understood."""
+    import main
+
+    threads, real = [], main.decode_base64
+    monkeypatch.setattr(main, "decode_base64", lambda *args: threads.append(threading.current_thread().name)
+                        or real(*args))
+    response = post(media_server.base_url, image_body(data_uri(image_bytes(), "image/png")))
+    assert response.status_code == 200, response.text
+    assert len(threads) == 1 and threads[0].startswith("media")
+
+
+@pytest.mark.parametrize("payload", ["", "QUJD", "QUI=", "QQ==", "QUJD=", "QUJDRA==", "QUJDRA=", "QUJDRA", "QU JD",
+                                     "QUJD\n", "QU=D", "=QUJ", "QUJD====", "QUJ-", "QUJ_", "QUJé", "QUJD\x00", "===="])
+def test_data_uri_base64_accepts_exactly_what_b64decode_validate_accepts(payload):
+    """D71: the SIMD decoder (pybase64) refuses superfluous padding that binascii accepts
+    (`QUJD=`). Verified on edge cases: the server decodes exactly what
+    base64.b64decode(validate=True) decodes, to the same bytes, and refuses the rest."""
+    import binascii
+
+    import main
+
+    try:
+        expected = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        expected = None
+    try:
+        got = main.strict_b64decode(payload)
+    except (binascii.Error, ValueError):
+        got = None
+    assert got == expected
+
+
+def test_data_uri_over_the_byte_limit_is_413_before_its_base64_is_checked(tiny_model_dir):
+    """#14: the size a data URI decodes to is read from its length, so one over MAX_IMAGE_BYTES
+    is refused (413) without decoding it, even when its base64 is broken further in (it was a
+    400 after a full decode before). At the limit exactly it is accepted."""
+    payload = image_bytes((32, 32))
+    with InProcessServer(tiny_model_dir, preload_model=True, max_image_bytes=len(payload)) as srv:
+        wait_ready(srv.base_url)
+        exact = post(srv.base_url, image_body(data_uri(payload, "image/png")))
+        assert exact.status_code == 200, exact.text
+        broken = data_uri(payload + b"x", "image/png")[:-8] + "@@@@@@@@"
+        assert_error(post(srv.base_url, image_body(broken)), 413, "media_too_large", "messages.0.content.0")
+
+
 # ----------------------------------------------------------------------------- frame-list videos
 
 def frame_list(count: int, size=(64, 48), sizes: list | None = None) -> str:

@@ -7,8 +7,9 @@ import time
 import httpx
 import pytest
 
-from helpers import (TELL_ME, chunk_payloads, event_index, get_completion, joined_text, long_request, metric,
-                     session_body, stream_events, wait_generating, wait_status, wait_until)
+from helpers import (TELL_ME, chunk_payloads, event_index, final_choice, get_completion, image_message, joined_text,
+                     long_request, metric, parse_sse, png_data_uri, post, session_body, stream_events, wait_generating,
+                     wait_status, wait_until)
 
 
 def short_request(session_id: str, **extra) -> dict:
@@ -182,6 +183,61 @@ def test_stale_index_older_than_ring_buffer_is_410(make_server):
     assert response.status_code == 410 and response.json()["error"]["code"] == "events_expired"
     recent = stream_events(srv.base_url, short_request("small-buffer"), headers={"Last-Event-ID": events[-4]["id"]})[2]
     assert recent == events[-3:]
+
+
+def test_a_finished_session_keeps_no_prompt_tensors(make_server):
+    """#14: every finished session kept its prompt's tensors (an image's pixel values) until it
+    expired, so each new request faulted in fresh memory for its own and image TTFT rose by
+    5-8 ms. Verified: once an image request ends its job holds no inputs, and the session
+    still answers with its result and usage."""
+    srv = make_server()
+    body = {"messages": image_message(png_data_uri()), "max_tokens": 3, "ignore_eos": True, "session_id": "pixels"}
+    answer = post(srv.base_url, body)
+    assert answer.status_code == 200, answer.text
+    job = srv.state.sessions.sessions["pixels"].job
+    assert job.inputs is None and job.prompt_tokens > 0
+    again = get_completion(srv.base_url, "pixels")
+    assert again["usage"] == answer.json()["usage"] and again["usage"]["completion_tokens"] == 3
+
+
+def test_a_quick_first_token_leaves_with_the_stream_head(make_server, monkeypatch):
+    """#14 (D70): a stream's head and role chunk went out while its prompt was prefilled,
+    and their sends slowed the prefill by ~3 ms of GIL hand-offs. Verified, with the hold
+    made long enough that only the first token can end it: when the head reaches the
+    client the session's log already holds an event after the role chunk, and the stream
+    is whole."""
+    import main
+
+    monkeypatch.setattr(main, "STREAM_HEAD_HOLD_SECONDS", 60.0)
+    srv = make_server()
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=short_request("held-head"), timeout=60) as r:
+        assert r.status_code == 200 and srv.state.sessions.sessions["held-head"].log.visible >= 1
+        events = parse_sse(r.iter_lines())
+    assert_contiguous(events, "held-head")
+    assert final_choice(events)["finish_reason"] == "length" and events[-1]["data"] == "[DONE]"
+
+
+def test_a_stream_head_is_held_no_longer_than_the_bound_and_is_not_auto_cancelled(make_server, monkeypatch):
+    """D70: a head held for the first token must still come when that token is slow (a queue,
+    a long prefill), and the held stream counts as listened to. Verified with the prefill
+    blocked until the head has arrived and an auto-cancel delay far below the hold: the head
+    comes with nothing past the role chunk in the log, then the stream runs to its end."""
+    import main
+
+    release, real = threading.Event(), main.prefill
+    monkeypatch.setattr(main, "STREAM_HEAD_HOLD_SECONDS", 0.5)
+    monkeypatch.setattr(main, "prefill", lambda *args: release.wait(60) and real(*args))
+    srv = make_server(cancel_after_disconnect_seconds=0.05)
+    try:
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=short_request("slow-first-token"),
+                          timeout=60) as r:
+            assert r.headers["x-session-id"] == "slow-first-token"
+            assert srv.state.sessions.sessions["slow-first-token"].log.visible == 0
+            release.set()
+            events = parse_sse(r.iter_lines())
+    finally:
+        release.set()
+    assert final_choice(events)["finish_reason"] == "length" and events[-1]["data"] == "[DONE]"
 
 
 @pytest.fixture(scope="module")
