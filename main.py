@@ -3197,6 +3197,9 @@ class Worker:
     # -- the decode loop (worker thread)
 
     def _run(self) -> None:
+        # this thread's torch thread count, set before its first op (which would take the
+        # process default, lowered by the pools' set_num_threads): one, as measured (D30)
+        torch.set_num_threads(1)
         with torch.inference_mode():
             while self._fill_batch():
                 if self.batch.rows:
@@ -3255,6 +3258,7 @@ class Worker:
         try:
             rows = [self._new_row(job, index) for index in range(job.params.n)]
             self.prefilling = (job, rows, Prefill(self.models.model, job.inputs))
+            job.inputs = None  # the prefill holds what it needs; the pixel values go now, not at the job's end
         except Exception as exc:  # e.g. media the vision tower rejects
             self._fail(job, 0, exc)
 
