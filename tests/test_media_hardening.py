@@ -430,7 +430,7 @@ def test_data_uri_base64_is_decoded_in_the_media_pool_not_on_the_event_loop(medi
 @pytest.mark.parametrize("payload", ["", "QUJD", "QUI=", "QQ==", "QUJD=", "QUJDRA==", "QUJDRA=", "QUJDRA", "QU JD",
                                      "QUJD\n", "QU=D", "=QUJ", "QUJD====", "QUJ-", "QUJ_", "QUJé", "QUJD\x00", "===="])
 def test_data_uri_base64_accepts_exactly_what_b64decode_validate_accepts(payload):
-    """D71: the SIMD decoder (pybase64) refuses superfluous padding that binascii accepts
+    """D75: the SIMD decoder (pybase64) refuses superfluous padding that binascii accepts
     (`QUJD=`). Verified on edge cases: the server decodes exactly what
     base64.b64decode(validate=True) decodes, to the same bytes, and refuses the rest."""
     import binascii

@@ -200,8 +200,25 @@ def test_a_finished_session_keeps_no_prompt_tensors(make_server):
     assert again["usage"] == answer.json()["usage"] and again["usage"]["completion_tokens"] == 3
 
 
+def test_a_running_generation_keeps_no_prompt_tensors(make_server):
+    """#14: a running request still held its prompt's tensors (an image's pixel values)
+    until it ended, though only its prefill reads them. Verified: while an image request
+    is still decoding, its job holds no inputs, and it ends whole."""
+    srv = make_server()
+    body = {"messages": image_message(png_data_uri()), "max_tokens": 3000, "ignore_eos": True, "stream": True,
+            "session_id": "decoding-pixels"}
+    done = threading.Thread(target=stream_events, args=(srv.base_url, body), daemon=True)
+    done.start()
+    wait_generating(srv.base_url, "decoding-pixels")
+    job = srv.state.sessions.sessions["decoding-pixels"].job
+    assert job.inputs is None and job.running == 1  # still decoding, without its pixel values
+    assert httpx.post(f"{srv.base_url}/v1/cancel/decoding-pixels").status_code == 200
+    done.join(timeout=60)
+    assert get_completion(srv.base_url, "decoding-pixels")["choices"][0]["end_reason"] == "cancelled"
+
+
 def test_a_quick_first_token_leaves_with_the_stream_head(make_server, monkeypatch):
-    """#14 (D70): a stream's head and role chunk went out while its prompt was prefilled,
+    """#14 (D74): a stream's head and role chunk went out while its prompt was prefilled,
     and their sends slowed the prefill by ~3 ms of GIL hand-offs. Verified, with the hold
     made long enough that only the first token can end it: when the head reaches the
     client the session's log already holds an event after the role chunk, and the stream
@@ -218,15 +235,21 @@ def test_a_quick_first_token_leaves_with_the_stream_head(make_server, monkeypatc
 
 
 def test_a_stream_head_is_held_no_longer_than_the_bound_and_is_not_auto_cancelled(make_server, monkeypatch):
-    """D70: a head held for the first token must still come when that token is slow (a queue,
+    """D74: a head held for the first token must still come when that token is slow (a queue,
     a long prefill), and the held stream counts as listened to. Verified with the prefill
     blocked until the head has arrived and an auto-cancel delay far below the hold: the head
     comes with nothing past the role chunk in the log, then the stream runs to its end."""
     import main
 
-    release, real = threading.Event(), main.prefill
+    release = threading.Event()
+
+    class SlowPrefill(main.Prefill):
+        def __init__(self, *args):
+            release.wait(60)
+            super().__init__(*args)
+
     monkeypatch.setattr(main, "STREAM_HEAD_HOLD_SECONDS", 0.5)
-    monkeypatch.setattr(main, "prefill", lambda *args: release.wait(60) and real(*args))
+    monkeypatch.setattr(main, "Prefill", SlowPrefill)
     srv = make_server(cancel_after_disconnect_seconds=0.05)
     try:
         with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=short_request("slow-first-token"),
