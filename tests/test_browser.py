@@ -281,7 +281,8 @@ def test_images_and_video_attach_by_picker_paste_and_drop(open_page, base_url, t
     page.set_input_files("#file", str(picked))
     drop_or_paste(page, "paste", "#prompt", "pasted.png", "image/png", png_bytes(color=(200, 40, 40)))
     drop_or_paste(page, "drop", "body", "clip.mp4", "video/mp4", mp4_bytes(frames=8))
-    page.wait_for_function("document.querySelectorAll('#attachments .chip').length === 3")
+    # a function, not an expression: Playwright polls an expression with eval, which the page's CSP refuses
+    page.wait_for_function("() => document.querySelectorAll('#attachments .chip').length === 3")
     assert page.locator("#attachments .chip[data-kind=video]").count() == 1
     send(page, "What is in these?")
     expect_status(page, "completed", "failed", "refused")
