@@ -2755,7 +2755,8 @@ def decode_logits(model, fused: list, cache: SlotCache, ids: torch.Tensor, text:
     mask = (columns[None, :] <= text[:, None])[:, None, None, :]
     cache.columns = text
     for index, layer in enumerate(lm.layers):
-        hidden = decode_layer(layer, fused[index], hidden, cos[:, None], sin[:, None], mask, cache, index)
+        hidden = decode_layer(layer, fused[index], hidden, cos=cos[:, None], sin=sin[:, None], mask=mask, cache=cache,
+                              index=index)
     return model.lm_head(lm.norm(hidden)[:, -1])
 
 
@@ -2797,7 +2798,8 @@ class DecodeStep:
                 self._give_up(exc)
         self.cache.width = max(text) + 1
         as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
-        return decode_logits(self.model, self.fused, self.cache, as_tensor(ids), as_tensor(text), as_tensor(spatial))
+        return decode_logits(self.model, self.fused, self.cache, ids=as_tensor(ids), text=as_tensor(text),
+                             spatial=as_tensor(spatial))
 
     def warm_up(self) -> None:
         """Compile (and capture) every batch size now, so that no request pays for it."""
