@@ -2629,8 +2629,8 @@ class SlotCache:
     each row's new key and value at the row's own column. When a row needs more columns
     the capacity doubles: the one copy of every row, rare, logged.
 
-    During a step it is the Cache the model's attention layers call: update() stores the
-    step's keys and values and returns the first rows' slots up to `width` columns.
+    During a step, decode_layer calls update(): it stores the step's keys and values and
+    returns the first rows' slots up to the step's attended width.
     """
 
     def __init__(self, text_config, slots: int, capacity: int, dtype: torch.dtype, device):
@@ -2639,8 +2639,6 @@ class SlotCache:
         shape = (slots, heads, capacity, dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text_config.num_hidden_layers)]
-        self.columns: torch.Tensor | None = None  # the step's write column per row (= its text position)
-        self.width = capacity  # the step's attended columns
 
     @property
     def slots(self) -> int:
@@ -2650,15 +2648,11 @@ class SlotCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def reserve(self, columns: int) -> bool:
-        """Room for `columns` columns per slot, doubling the capacity; True when it grew."""
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` columns per slot, doubling the capacity (logged)."""
         capacity = self.capacity
         if columns <= capacity:
-            return False
+            return
         while capacity < columns:
             capacity *= 2
         for store in (self.keys, self.values):
@@ -2666,7 +2660,7 @@ class SlotCache:
                 new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
                 new[:, :, :old.shape[2]] = old
                 store[i] = new
-        return True
+        logger.info("KV cache grew to %d columns per slot", capacity)
 
     def load(self, slot: int, prompt, length: int) -> None:
         """Copy a prefilled prompt (a one-row DynamicCache of `length` tokens) into `slot`."""
@@ -2678,14 +2672,15 @@ class SlotCache:
         for tensor in self.keys + self.values:
             tensor[target, :, :length] = tensor[source, :, :length]
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        """The attention layers' Cache call: store one token per row, return what they attend to."""
+    def update(self, key_states, value_states, layer: int, columns: torch.Tensor, width: int):
+        """Store one token per row, row i's at its column `columns[i]`; return the first rows'
+        keys and values up to `width` columns."""
         rows = key_states.shape[0]
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer], self.values[layer]
         index = torch.arange(rows, device=keys.device)
-        keys[index, :, self.columns] = key_states[:, :, 0]
-        values[index, :, self.columns] = value_states[:, :, 0]
-        return keys[:rows, :, :self.width], values[:rows, :, :self.width]
+        keys[index, :, columns] = key_states[:, :, 0]
+        values[index, :, columns] = value_states[:, :, 0]
+        return keys[:rows, :, :width], values[:rows, :, :width]
 
 
 def fuse_projections(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -2716,7 +2711,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_layer(layer, fused: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, mask: torch.Tensor, cache: "SlotCache", index: int) -> torch.Tensor:
+                 sin: torch.Tensor, mask: torch.Tensor, cache: SlotCache, index: int,
+                 columns: torch.Tensor) -> torch.Tensor:
     """One decoder layer for one token per row, as Qwen3-VL's layer computes it, with q/k/v
     and gate/up each one product (fused) and grouped-query attention without copying the
     keys: a row's n_rep query heads of one key/value head attend as n_rep queries."""
@@ -2730,7 +2726,7 @@ def decode_layer(layer, fused: tuple[torch.Tensor, torch.Tensor], hidden: torch.
     k = attn.k_norm(k.view(rows, 1, -1, dim)).transpose(1, 2)
     v = v.view(rows, 1, -1, dim).transpose(1, 2)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    keys, values = cache.update(k, v, index)
+    keys, values = cache.update(k, v, index, columns, width=mask.shape[-1])
     groups = keys.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(rows, groups, -1, dim), keys, values, attn_mask=mask, scale=attn.scaling)
@@ -2739,11 +2735,14 @@ def decode_layer(layer, fused: tuple[torch.Tensor, torch.Tensor], hidden: torch.
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def decode_logits(model, fused: list, cache: SlotCache, ids: torch.Tensor, text: torch.Tensor, spatial: torch.Tensor):
-    """One decode step for the first len(ids) slots: (rows, vocab) logits.
+def decode_logits(model, fused: list, cache: SlotCache, ids: torch.Tensor, text: torch.Tensor, spatial: torch.Tensor,
+                  width: int):
+    """One decode step for the first len(ids) slots, attending to `width` columns: (rows,
+    vocab) logits.
 
-    ids, text, spatial: [rows] long tensors (the fed token, its text position, and its
-    t/h/w position = text position + the row's M-RoPE delta). Decode steps carry no vision
+    ids, text, spatial: [rows] long tensors (the fed token, its text position, which is
+    also the column its key and value go to, and its t/h/w position = text position + the
+    row's M-RoPE delta). Decode steps carry no vision
     input, so this runs the text model's layers (decode_layer) and lm_head directly, with
     a mask that lets each row see its own columns 0..text: no padding, no per-call checks
     of the wrappers (D31).
@@ -2751,12 +2750,10 @@ def decode_logits(model, fused: list, cache: SlotCache, ids: torch.Tensor, text:
     lm = model.model.language_model
     hidden = lm.embed_tokens(ids[:, None])
     cos, sin = lm.rotary_emb(hidden, spatial.view(1, -1, 1).expand(3, -1, 1))  # [rows, 1, head_dim]
-    columns = torch.arange(cache.width, device=ids.device)
-    mask = (columns[None, :] <= text[:, None])[:, None, None, :]
-    cache.columns = text
+    mask = (torch.arange(width, device=ids.device)[None, :] <= text[:, None])[:, None, None, :]
     for index, layer in enumerate(lm.layers):
         hidden = decode_layer(layer, fused[index], hidden, cos=cos[:, None], sin=sin[:, None], mask=mask, cache=cache,
-                              index=index)
+                              index=index, columns=text)
     return model.lm_head(lm.norm(hidden)[:, -1])
 
 
@@ -2796,10 +2793,9 @@ class DecodeStep:
                 return self._compiled(ids, text, spatial)
             except Exception as exc:  # e.g. a backend without a compiler: eager still works
                 self._give_up(exc)
-        self.cache.width = max(text) + 1
         as_tensor = partial(torch.tensor, dtype=torch.long, device=self.device)
         return decode_logits(self.model, self.fused, self.cache, ids=as_tensor(ids), text=as_tensor(text),
-                             spatial=as_tensor(spatial))
+                             spatial=as_tensor(spatial), width=max(text) + 1)
 
     def warm_up(self) -> None:
         """Compile (and capture) every batch size now, so that no request pays for it."""
@@ -2823,10 +2819,9 @@ class DecodeStep:
         size = next(s for s in bucket_sizes(self.cache.slots) if s >= rows)
         padding = [0] * (size - rows)
         inputs = torch.tensor([ids + padding, text + padding, spatial + padding], dtype=torch.long)
-        self.cache.width = self.cache.capacity
         if not self.graphs_on:
             inputs = inputs.to(self.device)
-            return self.function(self.cache, inputs[0], inputs[1], inputs[2])[:rows]
+            return self.function(self.cache, inputs[0], inputs[1], inputs[2], self.cache.capacity)[:rows]
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, static, logits = self.graphs[size]
@@ -2845,12 +2840,12 @@ class DecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compiles, then runs once more outside the capture
-                self.function(self.cache, static[0], static[1], static[2])
+                self.function(self.cache, static[0], static[1], static[2], self.cache.capacity)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.function(self.cache, static[0], static[1], static[2])
+            logits = self.function(self.cache, static[0], static[1], static[2], self.cache.capacity)
         return graph, static, logits
 
     def _give_up(self, exc: Exception) -> None:
@@ -2884,16 +2879,14 @@ class Batch:
 
     def join(self, rows: list[Row], prompt, length: int) -> None:
         """Add one prefilled prompt as the rows of its choices: each slot gets its own copy."""
-        if self.cache.reserve(length + 1):
-            logger.info("KV cache grew to %d columns per slot", self.cache.capacity)
+        self.cache.reserve(length + 1)
         for row in rows:
             self.cache.load(len(self.rows), prompt, length)
             self.rows.append(row)
 
     def forward(self) -> torch.Tensor:
         """One decode step for every row: (rows, vocab) logits."""
-        if self.cache.reserve(max(row.position for row in self.rows) + 1):
-            logger.info("KV cache grew to %d columns per slot", self.cache.capacity)
+        self.cache.reserve(max(row.position for row in self.rows) + 1)
         logits = self.step([row.last for row in self.rows], [row.position for row in self.rows],
                            [row.position + row.rope_delta for row in self.rows])
         for row in self.rows:

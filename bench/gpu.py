@@ -128,7 +128,8 @@ def decode_rate(batch: main.Batch, prefill: main.Prefill, rows: int, steps: int,
             row.last = token
     sync(device)
     seconds = time.perf_counter() - started
-    columns = batch.cache.width  # eager: the longest row + 1; compiled: the capacity
+    # the columns a step attends to: eager, the longest row's + 1; compiled, the whole capacity
+    columns = batch.cache.capacity if batch.step.compiled else max(row.position for row in batch.rows)
     batch.rows = []
     return {"rows": rows, "tokens_per_s": rows * steps / seconds, "ms_per_step": seconds / steps * 1000,
             "columns": columns}
